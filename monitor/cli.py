@@ -1,0 +1,31 @@
+"""`featurewatch` command line. Groups live in their own modules; this file only wires them."""
+
+from __future__ import annotations
+
+import typer
+
+from monitor.cli_features import register as register_features
+from monitor.cli_generate import register as register_generate
+from monitor.cli_generate import register_demo
+from monitor.cli_sae import sae_app
+from monitor.cli_stubs import register as register_stubs
+
+app = typer.Typer(
+    name="featurewatch",
+    help="Safety-monitoring sidecar that reads an LLM's SAE features while it serves.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+register_features(sae_app)
+app.add_typer(sae_app, name="sae")
+register_generate(app)
+register_demo(app)
+register_stubs(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
