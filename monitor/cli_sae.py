@@ -337,3 +337,44 @@ def eval_cmd(
     for key, value in result.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     out.print(table)
+
+
+# ---- manifest ------------------------------------------------------------------------------------
+@sae_app.command("manifest")
+def manifest_cmd(
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="SAE folder to write MANIFEST.json into.")],
+    acts: Annotated[Path | None, typer.Option(help="Activation folder the SAE was trained on.")] = None,
+    eval_json: Annotated[
+        Path | None, typer.Option("--eval-json", help="Output of `sae eval --json`.")
+    ] = None,
+    notes: Annotated[Path | None, typer.Option(help="JSON file of extra sections (timings, sweep…).")] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Only check the hashes of an existing manifest.")
+    ] = False,
+) -> None:
+    """Write (or --verify) MANIFEST.json: model, hook, corpus, tokens, training config, eval, sha256s."""
+    from sae_assets.manifest import verify_manifest, write_manifest
+
+    if verify:
+        problems = verify_manifest(path)
+        for p in problems:
+            err.print(f"[red]{p}[/]")
+        if problems:
+            raise typer.Exit(1)
+        out.print("MANIFEST.json matches the files.")
+        return
+    sections: dict[str, Any] = {}
+    if acts is not None:
+        man = json.loads((acts / "collect.json").read_text())
+        sections["corpus"] = {
+            "sources": [Path(p).name for p in man.get("corpus", [])],
+            "train_tokens": man.get("tokens"),
+            "records": man.get("records"),
+            "collect_config": man.get("config"),
+            "heldout": "1 record in heldout_every by sha256 of its id (sae_assets.collect.split_of)",
+        }
+    if eval_json is not None:
+        sections["eval"] = json.loads(eval_json.read_text())
+    if notes is not None:
+        sections.update(json.loads(notes.read_text()))
+    out.print(f"wrote {write_manifest(path, **sections)}")

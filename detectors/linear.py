@@ -1,0 +1,68 @@
+"""Balanced logistic regression shared by probes, sae_features weight fitting and the calibrated link."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+
+# Features whose spread is below this are treated as constant (std 1) instead of being blown up.
+MIN_STD = 1e-6
+
+
+@dataclass(frozen=True)
+class LinearFit:
+    """logit(x) = ((x − mean) / std) · weight + bias; all float32 tensors, bias a 0-d tensor."""
+
+    weight: torch.Tensor  # (D,)
+    bias: torch.Tensor  # ()
+    mean: torch.Tensor  # (D,)
+    std: torch.Tensor  # (D,)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N,) float32."""
+        return ((x.float() - self.mean) / self.std) @ self.weight + self.bias
+
+    def folded(self) -> tuple[torch.Tensor, float]:
+        """The same map on raw features: (w_raw (D,), b_raw) with logit = x · w_raw + b_raw."""
+        w = self.weight / self.std
+        return w, float(self.bias - (self.mean * w).sum())
+
+
+def _as_2d(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    arr = np.asarray(torch.as_tensor(x).detach().cpu().double())
+    return arr[:, None] if arr.ndim == 1 else arr
+
+
+def fit_logistic(
+    x_pos: torch.Tensor | np.ndarray,
+    x_neg: torch.Tensor | np.ndarray,
+    *,
+    C: float = 1.0,
+    standardise: bool = True,
+    max_iter: int = 2000,
+) -> LinearFit:
+    """Fit positives (label 1) against negatives (label 0), class_weight="balanced" so that neither class
+    size nor ratio moves the decision boundary. Features are standardised with the pooled mean/std first
+    (so C means the same for every feature scale)."""
+    pos, neg = _as_2d(x_pos), _as_2d(x_neg)
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError(f"need positives and negatives (got {len(pos)} and {len(neg)})")
+    if pos.shape[1] != neg.shape[1]:
+        raise ValueError(f"feature widths differ: positives {pos.shape[1]}, negatives {neg.shape[1]}")
+    x = np.concatenate([pos, neg])
+    y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
+    mean = x.mean(axis=0) if standardise else np.zeros(x.shape[1])
+    std = x.std(axis=0) if standardise else np.ones(x.shape[1])
+    std = np.where(std < MIN_STD, 1.0, std)
+    clf = LogisticRegression(C=C, class_weight="balanced", max_iter=max_iter)
+    clf.fit((x - mean) / std, y)
+    f32 = torch.float32
+    return LinearFit(
+        weight=torch.as_tensor(clf.coef_[0], dtype=f32),
+        bias=torch.as_tensor(float(clf.intercept_[0]), dtype=f32),
+        mean=torch.as_tensor(mean, dtype=f32),
+        std=torch.as_tensor(std, dtype=f32),
+    )

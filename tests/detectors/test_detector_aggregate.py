@@ -1,0 +1,86 @@
+"""Aggregations: hand-computed values, parameter validation, and batch == streaming for every kind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from detectors.aggregate import (
+    Aggregation,
+    RunningAggregate,
+    agg_max,
+    agg_mean,
+    aggregate,
+    count_over,
+    ema,
+    sustained,
+    topk_mean,
+)
+
+SCORES = torch.tensor([0.1, 0.9, 0.4, 0.8, 0.2], dtype=torch.float64)
+ALL_KINDS = [
+    Aggregation(kind="max"),
+    Aggregation(kind="mean"),
+    Aggregation(kind="topk_mean", k=1),
+    Aggregation(kind="topk_mean", k=3),
+    Aggregation(kind="ema", window=1),
+    Aggregation(kind="ema", window=4),
+    Aggregation(kind="count_over", threshold=0.5),
+    Aggregation(kind="sustained", threshold=0.5, n=1),
+    Aggregation(kind="sustained", threshold=0.6, n=3),
+]
+
+
+def test_hand_computed_values() -> None:
+    assert agg_max(SCORES) == pytest.approx(0.9)
+    assert agg_mean(SCORES) == pytest.approx(0.48)
+    assert topk_mean(SCORES, 2) == pytest.approx(0.85)
+    assert topk_mean(SCORES, 10) == pytest.approx(0.48)  # k > T: all tokens
+    # window 3 -> alpha 0.5; trace from e0 = 0: 0.05, 0.475, 0.4375, 0.61875, 0.409375
+    assert ema(SCORES, 3) == pytest.approx(0.61875)
+    assert count_over(SCORES, 0.5) == 2.0
+    assert count_over(SCORES, 0.8) == 2.0  # >= threshold counts
+    # windows of 2: mins 0.1, 0.4, 0.4, 0.2 -> best 0.4
+    assert sustained(SCORES, 0.35, 2) == 1.0
+    assert sustained(SCORES, 0.5, 2) == pytest.approx(0.4)
+    assert sustained(SCORES, 0.5, 6) == 0.0  # fewer tokens than n: no window yet
+
+
+@pytest.mark.parametrize("agg", ALL_KINDS, ids=lambda a: f"{a.kind}")
+def test_empty_is_zero(agg: Aggregation) -> None:
+    assert aggregate(torch.zeros(0), agg) == 0.0
+    assert RunningAggregate(agg).value == 0.0
+
+
+@pytest.mark.parametrize("agg", ALL_KINDS, ids=lambda a: f"{a.kind}")
+def test_streaming_equals_batch_after_every_token(agg: Aggregation) -> None:
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(200, generator=gen, dtype=torch.float32)
+    scores[50:60] = 0.95  # a sustained run
+    scores[100:110] = scores[99]  # ties
+    running = RunningAggregate(agg)
+    for t in range(len(scores)):
+        got = running.update(scores[t])
+        assert got == aggregate(scores[: t + 1], agg), f"{agg} differs after token {t}"
+    running.reset()
+    assert running.extend(scores) == aggregate(scores, agg)
+
+
+def test_aggregation_params_are_validated() -> None:
+    assert Aggregation.model_validate("mean").kind == "mean"
+    assert Aggregation().kind == "max"
+    with pytest.raises(ValidationError, match="needs k"):
+        Aggregation(kind="topk_mean")
+    with pytest.raises(ValidationError, match="takes no window"):
+        Aggregation(kind="max", window=3)
+    with pytest.raises(ValidationError, match="threshold"):
+        Aggregation(kind="count_over", threshold=1.5)
+    with pytest.raises(ValidationError, match="extra"):
+        Aggregation.model_validate({"kind": "max", "alpha": 0.1})
+    assert not Aggregation(kind="count_over", threshold=0.5).bounded
+
+
+def test_scores_must_be_1d() -> None:
+    with pytest.raises(ValueError, match="1-D"):
+        agg_max(torch.zeros(2, 3))
