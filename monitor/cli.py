@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import typer
 
+from monitor.cli_detectors import detectors_app
 from monitor.cli_features import register as register_features
 from monitor.cli_generate import register as register_generate
 from monitor.cli_generate import register_demo
+from monitor.cli_policy import policy_app
 from monitor.cli_sae import sae_app
+from monitor.cli_score import register as register_score
 from monitor.cli_stubs import register as register_stubs
 
 app = typer.Typer(
@@ -20,7 +23,10 @@ register_features(sae_app)
 app.add_typer(sae_app, name="sae")
 register_generate(app)
 register_demo(app)
+app.add_typer(detectors_app, name="detectors")
+register_score(app)
 register_stubs(app)
+app.add_typer(policy_app, name="policy")
 
 
 def main() -> None:

@@ -1,0 +1,465 @@
+"""`featurewatch detectors …`: discover, train, calibrate, eval, list.
+
+Detector specs live in `<SAE folder>/detectors/*.yaml`. Heavy imports stay inside the commands. Exit
+codes: 0 ok, 1 problems found (list: invalid specs), 2 bad input (a path, name, record or option).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from monitor.cli_score import (
+    DEFAULT_MODEL,
+    DEFAULT_SAE,
+    BatchOpt,
+    DeviceOpt,
+    ModelOpt,
+    ProgressOpt,
+    SaeOpt,
+    fail,
+    load_labels,
+    load_lm,
+    load_named_detectors,
+    load_sae,
+    sae_folder,
+)
+
+detectors_app = typer.Typer(
+    help="Discover, train, calibrate and evaluate concept detectors.", no_args_is_help=True
+)
+out = Console()
+err = Console(stderr=True)
+
+FilesOpt = Annotated[list[Path] | None, typer.Option(help="JSON Lines file; repeat for several.")]
+MaxTokOpt = Annotated[
+    int, typer.Option("--max-tokens", min=8, help="Cut completions/texts to this many tokens.")
+]
+FprOpt = Annotated[
+    float, typer.Option("--target-fpr", min=1e-6, max=0.5, help="False-positive rate to calibrate.")
+]
+
+
+def _records(path: Path, what: str) -> list[dict[str, Any]]:
+    from sae_assets.text import RecordError, read_jsonl
+
+    if not path.is_file():
+        raise fail(f"{what}: {path} does not exist")
+    try:
+        return [rec for _, rec in read_jsonl(path)]
+    except RecordError as e:
+        raise fail(f"{what}: {e}") from e
+
+
+def _runtime(sae: str, model: str, device: str) -> tuple[Path, Any, Any]:
+    folder = sae_folder(sae)
+    sae_obj = load_sae(folder)
+    lm = load_lm(model, device, sae_obj)
+    return folder, sae_obj.to(lm.device), lm
+
+
+def _seed_source(folder: Path) -> str | Path:
+    """Seed data of this SAE folder when it has concepts/, else the shipped default SAE's."""
+    return folder if (folder / "concepts").is_dir() else DEFAULT_SAE
+
+
+def _names(raw: str) -> list[str]:
+    return [n.strip() for n in raw.split(",") if n.strip()]
+
+
+# ---- discover ------------------------------------------------------------------------------------
+@detectors_app.command("discover")
+def discover_cmd(
+    pos: Annotated[Path, typer.Option("--pos", help="JSON Lines of positive records.")],
+    neg: Annotated[Path, typer.Option("--neg", help="JSON Lines of negative records.")],
+    sae: SaeOpt = DEFAULT_SAE,
+    model: ModelOpt = DEFAULT_MODEL,
+    top: Annotated[int, typer.Option("--top", min=1, help="Latents to show.")] = 20,
+    n_latents: Annotated[int, typer.Option("--n-latents", min=1, help="Latents in the written spec.")] = 16,
+    spec_out: Annotated[
+        Path | None, typer.Option("--out", help="Write an sae_features spec (NAME.yaml).")
+    ] = None,
+    pool: Annotated[str, typer.Option("--pool", help="max | mean over each record's completion.")] = "max",
+    target_fpr: FprOpt = 0.01,
+    max_tokens: MaxTokOpt = 256,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "auto",
+    progress: ProgressOpt = True,
+) -> None:
+    """Rank SAE latents that separate positive from negative records (completion tokens, pooled)."""
+    if pool not in ("max", "mean"):
+        raise fail(f"--pool: {pool!r} is not one of max, mean")
+    pos_recs = [{**r, "label": 1} for r in _records(pos, "--pos")]
+    neg_recs = [{**r, "label": 0} for r in _records(neg, "--neg")]
+    folder, sae_obj, lm = _runtime(sae, model, device)
+    from detectors.build import extract_corpus, pooled_table
+    from detectors.discover import make_sae_features_spec, rank_latents
+    from detectors.errors import DetectorError
+    from detectors.extract import sae_hook_point
+
+    point = sae_hook_point(sae_obj)
+    try:
+        corpus = extract_corpus(
+            lm.model,
+            lm.tokenizer,
+            pos_recs + neg_recs,
+            [point],
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            desc="discover",
+        )
+    except DetectorError as e:
+        raise fail(str(e)) from e
+    table = pooled_table(corpus, "latents", "max" if pool == "max" else "mean", point, sae_obj)
+    xp, xn = table[corpus.labels == 1], table[corpus.labels == 0]
+    ranked = rank_latents(xp, xn)
+    labels = load_labels(folder)
+    if labels is not None:
+        from dataclasses import replace
+
+        ranked = [replace(r, label=labels(r.latent_id)) for r in ranked[: max(top, n_latents)]]
+    _print_ranks(ranked[:top], len(pos_recs), len(neg_recs))
+    if spec_out is not None:
+        try:
+            spec = make_sae_features_spec(
+                ranked,
+                n_latents,
+                xp,
+                xn,
+                name=spec_out.stem,
+                target_fpr=target_fpr,
+                out=spec_out,
+                description=f"discovered from {pos.name} vs {neg.name}",
+            )
+        except DetectorError as e:
+            raise fail(f"--out: {e}") from e
+        err.print(
+            Text(
+                f"wrote {spec_out} (threshold {spec.threshold:.4f}, in-sample; recalibrate on held-out data)"
+            )
+        )
+
+
+def _print_ranks(ranked: list[Any], n_pos: int, n_neg: int) -> None:
+    t = Table(title=f"latents ranked by AUROC ({n_pos} positive, {n_neg} negative records)")
+    for col in ("#", "latent", "AUROC", "mean +", "mean −", "diff", "fires +", "fires −", "label"):
+        t.add_column(col, justify="left" if col == "label" else "right")
+    for i, r in enumerate(ranked, 1):
+        t.add_row(
+            str(i),
+            str(r.latent_id),
+            f"{r.auroc:.3f}",
+            f"{r.mean_pos:.3f}",
+            f"{r.mean_neg:.3f}",
+            f"{r.mean_diff:+.3f}",
+            f"{r.fire_pos:.0%}",
+            f"{r.fire_neg:.0%}",
+            Text(r.label),
+        )
+    out.print(t)
+
+
+# ---- train ---------------------------------------------------------------------------------------
+@detectors_app.command("train")
+def train_cmd(
+    concept: Annotated[
+        str, typer.Option("--concept", help="Concept name(s), comma-separated: scam,deception,bias.")
+    ],
+    train: FilesOpt = None,
+    calib: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Extra calibration negatives (label 0 or unlabelled records ending in an assistant turn)."
+        ),
+    ] = None,
+    seed: Annotated[bool, typer.Option("--seed/--no-seed", help="Use the seed train/test splits.")] = True,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Output folder; default <SAE>/detectors.")
+    ] = None,
+    sae: SaeOpt = DEFAULT_SAE,
+    model: ModelOpt = DEFAULT_MODEL,
+    layers: Annotated[
+        str, typer.Option("--layers", help="Probe hook points, comma-separated.")
+    ] = "model.layers.15",
+    n_latents: Annotated[int, typer.Option("--n-latents", min=1)] = 16,
+    max_calib: Annotated[
+        int, typer.Option("--max-calib", min=1, help="Records sampled from each --calib file.")
+    ] = 200,
+    target_fpr: FprOpt = 0.01,
+    max_tokens: MaxTokOpt = 256,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "auto",
+    progress: ProgressOpt = True,
+) -> None:
+    """Build a residual probe and an SAE-feature detector per concept.
+
+    Held-out AUROC (seed test split) picks the kind written as <concept>.yaml; both stay as
+    <concept>_probe.yaml and <concept>_sae.yaml.
+    """
+    from detectors.datasets import DatasetError, load_seed, stable_hash
+
+    concepts = _names(concept)
+    extra = [r for p in train or [] for r in _records(p, "--train")]
+    bad = [r.get("id") for r in extra if r.get("label") not in (0, 1)]
+    if bad:
+        raise fail(f"--train: records need label 0 or 1; first without: {bad[0]!r}")
+    cal = []
+    for path in calib or []:  # a deterministic sample of each file's negatives
+        negs = [r for r in _records(path, "--calib") if r.get("label", 0) == 0]
+        cal += sorted(negs, key=lambda r: stable_hash("calib", r.get("id")))[:max_calib]
+    folder, sae_obj, lm = _runtime(sae, model, device)
+    from detectors.build import build_concept_detectors
+    from detectors.errors import DetectorError
+
+    target = out_dir or folder / "detectors"
+    labels = load_labels(folder)
+    for c in concepts:
+        try:
+            seed_train = load_seed(c, "train", sae=_seed_source(folder)) if seed else []
+            seed_test = load_seed(c, "test", sae=_seed_source(folder)) if seed else []
+            result = build_concept_detectors(
+                lm.model,
+                lm.tokenizer,
+                sae_obj,
+                c,
+                seed_train + extra,
+                cal,
+                target,
+                test_records=seed_test,
+                layers=_names(layers),
+                n_latents=n_latents,
+                target_fpr=target_fpr,
+                labels=labels,
+                max_tokens=max_tokens,
+                batch_size=batch_size,
+                progress=progress,
+            )
+        except (DatasetError, DetectorError) as e:
+            raise fail(f"{c}: {e}") from e
+        _print_build(result)
+
+
+def _print_build(result: Any) -> None:
+    how = result.specs[result.concept].eval["selected_by"]
+    t = Table(title=f"{result.concept}: ships {result.selected} (chosen by {how})")
+    for col in ("detector", "variant", "AUROC oof", "AUROC test", "threshold", "test recall", "test FPR"):
+        t.add_column(col)
+    for name, spec in result.specs.items():
+        if name == result.concept:
+            continue
+        ev, test = spec.eval, spec.eval.get("test") or {}
+        v = ev["train"]["variant"]
+        variant = f"{v['pool']}-pool, {v['aggregation']}" + (f", C={v['C']}" if spec.kind == "probe" else "")
+        t.add_row(
+            name,
+            variant,
+            _f(ev.get("auroc_oof")),
+            _f(ev.get("auroc_test")),
+            f"{spec.threshold:.4f}",
+            _f(test.get("recall_at_fpr")),
+            _f(test.get("fpr")),
+        )
+    out.print(t)
+    out.print(Text(f"wrote {', '.join(str(p) for p in result.paths)}"))
+
+
+def _f(x: Any) -> str:
+    return "–" if x is None else f"{float(x):.3f}"
+
+
+# ---- calibrate -----------------------------------------------------------------------------------
+@detectors_app.command("calibrate")
+def calibrate_cmd(
+    name: Annotated[str, typer.Argument(help="Detector name (a spec in <SAE>/detectors).")],
+    neg: Annotated[list[Path], typer.Option("--neg", help="Negative records; repeatable.")],
+    pos: Annotated[list[Path] | None, typer.Option("--pos", help="Positive records (for figures).")] = None,
+    target_fpr: FprOpt = 0.01,
+    spec_out: Annotated[Path | None, typer.Option("--out", help="Write here instead of in place.")] = None,
+    sae: SaeOpt = DEFAULT_SAE,
+    model: ModelOpt = DEFAULT_MODEL,
+    max_tokens: MaxTokOpt = 256,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Re-set a detector's threshold for --target-fpr on held-out negatives (scored as `score` does)."""
+    import torch
+
+    from detectors.build import recalibrate
+    from detectors.datasets import truncate_records
+    from detectors.errors import DetectorError
+    from detectors.scoring import Scorer
+    from detectors.spec import dump_spec
+    from monitor.cli_score import detector_names
+
+    neg_recs = [r for p in neg for r in _records(p, "--neg")]
+    pos_recs = [r for p in pos or [] for r in _records(p, "--pos")]
+    folder = sae_folder(sae)
+    detector_names(name, folder)  # exit 2 listing the valid names
+    _, sae_obj, lm = _runtime(sae, model, device)
+    det = load_named_detectors([name], folder, sae_obj, lm.model)[name]
+    scorer = Scorer(lm.model, lm.tokenizer, sae_obj, {name: det}, top_k=0)
+
+    def values(recs: list[dict[str, Any]], what: str) -> torch.Tensor:
+        res = list(scorer.score_records(truncate_records(recs, lm.tokenizer, max_tokens), batch_size))
+        errors = [r["error"] for r in res if "error" in r]
+        if errors:
+            raise fail(f"{what}: {len(errors)} record(s) could not be scored; first: {errors[0]}")
+        return torch.tensor([r["scores"][name] for r in res], dtype=torch.float64)
+
+    try:
+        spec = recalibrate(
+            det, values(neg_recs, "--neg"), values(pos_recs, "--pos") if pos_recs else None, target_fpr
+        )
+    except (DetectorError, ValueError) as e:
+        raise fail(str(e)) from e
+    path = dump_spec(spec, spec_out or folder / "detectors" / f"{name}.yaml")
+    fig = spec.eval["recalibrated"]
+    change = f"threshold {det.spec.threshold:.4f} → {spec.threshold:.4f}"
+    out.print(Text(f"{name}: {change} ({json.dumps(fig)}); wrote {path}"))
+
+
+# ---- eval ----------------------------------------------------------------------------------------
+@detectors_app.command("eval")
+def eval_cmd(
+    concepts: Annotated[
+        str, typer.Option("--concepts", help="Comma-separated concepts.")
+    ] = "scam,deception,bias",
+    max_per_suite: Annotated[
+        int | None, typer.Option("--max-per-suite", min=2, help="Cap per suite.")
+    ] = None,
+    md_out: Annotated[Path | None, typer.Option("--out", help="Write the Markdown report here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json-out", help="Write the rows as JSON here.")] = None,
+    chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Public texts as assistant turns.")] = True,
+    sae: SaeOpt = DEFAULT_SAE,
+    model: ModelOpt = DEFAULT_MODEL,
+    max_tokens: MaxTokOpt = 192,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "auto",
+    progress: ProgressOpt = True,
+) -> None:
+    """Evaluate both detector kinds and a TF-IDF baseline per concept and suite.
+
+    AUROC, recall at 1% FPR and F1 at the calibrated threshold, on the seed test split and the public
+    datasets found under $FEATUREWATCH_SHARED_DIR/datasets.
+    """
+    from detectors.datasets import DatasetError
+    from detectors.errors import DetectorError
+    from detectors.evaluate import evaluate_detectors, render_markdown
+
+    folder, sae_obj, lm = _runtime(sae, model, device)
+    try:
+        rows = evaluate_detectors(
+            lm.model,
+            lm.tokenizer,
+            sae_obj,
+            folder / "detectors",
+            _names(concepts),
+            max_per_suite=max_per_suite,
+            max_tokens=max_tokens,
+            chat=chat,
+            seed_sae=_seed_source(folder),
+            batch_size=batch_size,
+            progress=progress,
+        )
+    except (DatasetError, DetectorError) as e:
+        raise fail(str(e)) from e
+    report = render_markdown(rows)
+    typer.echo(report)
+    if md_out is not None:
+        md_out.parent.mkdir(parents=True, exist_ok=True)
+        md_out.write_text(report, encoding="utf-8")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps([r.as_dict() for r in rows], indent=1) + "\n", encoding="utf-8")
+
+
+# ---- list ----------------------------------------------------------------------------------------
+@detectors_app.command("list")
+def list_cmd(
+    sae: SaeOpt = DEFAULT_SAE,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Detectors in <SAE>/detectors with kind, threshold and eval summary; exit 1 if a spec is invalid."""
+    from detectors.errors import DetectorError
+    from detectors.registry import available_detectors
+    from detectors.spec import load_spec
+
+    folder = sae_folder(sae) / "detectors"
+    rows: list[dict[str, Any]] = []
+    problems = 0
+    for name in available_detectors(folder) if folder.is_dir() else []:
+        try:
+            spec = load_spec(folder / f"{name}.yaml")
+        except DetectorError as e:
+            problems += 1
+            rows.append({"name": name, "error": str(e)})
+            continue
+        ev = spec.eval
+        rows.append(
+            {
+                "name": name,
+                "kind": spec.kind,
+                "threshold": spec.threshold,
+                "target_fpr": spec.target_fpr,
+                "scope": spec.scope,
+                "aggregation": spec.aggregation.kind,
+                "variant_of": ev.get("variant_of"),
+                "selected": ev.get("selected"),
+                "auroc_test": ev.get("auroc_test"),
+                "auroc_oof": ev.get("auroc_oof"),
+            }
+        )
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+    else:
+        _print_list(rows, folder)
+    if problems:
+        raise typer.Exit(1)
+
+
+def _print_list(rows: list[dict[str, Any]], folder: Path) -> None:
+    if not rows:
+        out.print(Text(f"no detectors in {folder}; build them with `featurewatch detectors train`"))
+        return
+    t = Table(title=f"detectors in {folder}")
+    for col in (
+        "name",
+        "kind",
+        "threshold",
+        "FPR target",
+        "scope",
+        "aggregation",
+        "AUROC test",
+        "AUROC oof",
+        "role",
+    ):
+        t.add_column(col)
+    for r in rows:
+        if "error" in r:
+            t.add_row(r["name"], Text(r["error"], style="red"))
+            continue
+        role = (
+            f"alternative of {r['variant_of']}"
+            if r["variant_of"]
+            else f"shipped ({r['selected'] or 'hand-written'})"
+        )
+        fpr = "–" if r["target_fpr"] is None else f"{r['target_fpr']:.2%}"
+        t.add_row(
+            r["name"],
+            r["kind"],
+            f"{r['threshold']:.4f}",
+            fpr,
+            r["scope"],
+            r["aggregation"],
+            _f(r["auroc_test"]),
+            _f(r["auroc_oof"]),
+            role,
+        )
+    out.print(t)

@@ -1,0 +1,179 @@
+"""`featurewatch score` and `featurewatch detectors …` end to end on the tiny model and a tiny SAE folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from detectors.registry import load_detectors
+from monitor.cli import app
+from sae_assets.sae import SAE, SAEConfig, SAEMetadata
+
+runner = CliRunner()
+GOOD = [
+    {
+        "id": "a",
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The lazy dog."}],
+    },
+    {"id": "b", "text": "Please verify your bank account password at this link."},
+    {"id": "c", "messages": [{"role": "user", "content": "Write a haiku about the moon."}]},
+]
+
+
+@pytest.fixture()
+def sae_dir(tmp_path: Path) -> Path:
+    """An SAE folder (d_in 32 at model.layers.2) with a planted sae_features detector."""
+    meta = SAEMetadata(hook_name="blocks.2.hook_resid_post", extra={"hf_hook_point": "model.layers.2"})
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(architecture="standard", d_in=32, d_sae=16, metadata=meta))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 1.0)
+    folder = sae.save(tmp_path / "sae")
+    spec = {
+        "name": "planted",
+        "kind": "sae_features",
+        "threshold": 0.6,
+        "latents": [{"id": 3, "weight": 1.0, "label": "three"}, {"id": 5, "weight": 0.5}],
+        "bias": -0.5,
+    }
+    (folder / "detectors").mkdir()
+    (folder / "detectors" / "planted.yaml").write_text(yaml.safe_dump(spec))
+    return folder
+
+
+def _write(path: Path, lines: list[Any]) -> Path:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+def _score(tmp_path: Path, sae_dir: Path, model: Path, lines: list[Any], *extra: str) -> Any:
+    inp = _write(tmp_path / "in.jsonl", lines)
+    args = [
+        "score",
+        str(inp),
+        "--out",
+        str(tmp_path / "out.jsonl"),
+        "--sae",
+        str(sae_dir),
+        "--model",
+        str(model),
+    ]
+    return runner.invoke(app, [*args, "--device", "cpu", "--batch-size", "2", "--no-progress", *extra])
+
+
+def test_score_keeps_ids_and_order_and_reports_bad_lines(
+    tmp_path: Path, sae_dir: Path, tiny_model_dir: Path
+) -> None:
+    lines = [GOOD[0], "{not json", GOOD[1], "", GOOD[2]]
+    res = _score(tmp_path, sae_dir, tiny_model_dir, lines, "--detectors", "planted")
+    assert res.exit_code == 1, res.output
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(out) == len(lines)
+    assert [o["id"] for o in out] == ["a", None, "b", None, "c"]
+    assert out[1]["error"].startswith("line 2: invalid JSON") and out[3]["error"] == "line 4: empty line"
+    assert "warning: line 2: invalid JSON" in res.output and "warning: line 4" in res.output
+    for o in (out[0], out[2], out[4]):
+        assert 0.0 <= o["scores"]["planted"] <= 1.0
+        assert o["fired"]["planted"] == (o["scores"]["planted"] >= 0.6)
+        assert isinstance(o["top_features"]["planted"], list) and o["tokens"] > 0
+    assert [out[0]["scope"], out[2]["scope"], out[4]["scope"]] == ["completion", "text", "prompt"]
+
+
+def test_score_all_good_exits_0_with_default_detectors(
+    tmp_path: Path, sae_dir: Path, tiny_model_dir: Path
+) -> None:
+    res = _score(tmp_path, sae_dir, tiny_model_dir, GOOD)
+    assert res.exit_code == 0, res.output
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["id"] for o in out] == ["a", "b", "c"] and all("planted" in o["scores"] for o in out)
+
+
+def test_score_unknown_detector_exits_2_listing_valid(
+    tmp_path: Path, sae_dir: Path, tiny_model_dir: Path
+) -> None:
+    res = _score(tmp_path, sae_dir, tiny_model_dir, GOOD, "--detectors", "planted,nope")
+    assert res.exit_code == 2
+    assert "unknown detector(s) nope" in res.output and "valid: planted" in res.output
+    missing = runner.invoke(app, ["score", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o.jsonl")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_discover_writes_a_loadable_spec_and_list_shows_it(
+    tmp_path: Path, sae_dir: Path, tiny_model_dir: Path
+) -> None:
+    pos = _write(
+        tmp_path / "pos.jsonl", [{"id": f"p{i}", "text": f"Verify your bank password {i}."} for i in range(6)]
+    )
+    neg = _write(
+        tmp_path / "neg.jsonl", [{"id": f"n{i}", "text": f"The lazy dog sleeps {i}."} for i in range(6)]
+    )
+    spec_path = sae_dir / "detectors" / "found.yaml"
+    args = ["detectors", "discover", "--pos", str(pos), "--neg", str(neg), "--sae", str(sae_dir)]
+    args += ["--model", str(tiny_model_dir), "--device", "cpu", "--top", "5", "--n-latents", "3"]
+    res = runner.invoke(app, [*args, "--out", str(spec_path), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "AUROC" in res.output and spec_path.is_file()
+    det = load_detectors(["found"], sae_dir / "detectors")["found"]
+    assert len(det.latent_ids()) == 3 and 0.0 <= det.spec.threshold <= 1.0
+
+    listed = runner.invoke(app, ["detectors", "list", "--sae", str(sae_dir), "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = {r["name"]: r for r in json.loads(listed.output)}
+    assert set(rows) == {"found", "planted"} and rows["planted"]["threshold"] == 0.6
+    (sae_dir / "detectors" / "broken.yaml").write_text("name: broken\nkind: nope\n")
+    assert runner.invoke(app, ["detectors", "list", "--sae", str(sae_dir)]).exit_code == 1
+
+
+def test_calibrate_resets_the_threshold(tmp_path: Path, sae_dir: Path, tiny_model_dir: Path) -> None:
+    neg = _write(
+        tmp_path / "neg.jsonl", [{"id": f"n{i}", "text": f"The lazy dog sleeps {i}."} for i in range(20)]
+    )
+    args = ["detectors", "calibrate", "planted", "--neg", str(neg), "--sae", str(sae_dir)]
+    res = runner.invoke(
+        app, [*args, "--model", str(tiny_model_dir), "--device", "cpu", "--target-fpr", "0.1"]
+    )
+    assert res.exit_code == 0, res.output
+    spec = yaml.safe_load((sae_dir / "detectors" / "planted.yaml").read_text())
+    assert spec["target_fpr"] == 0.1 and spec["eval"]["recalibrated"]["fpr"] <= 0.1
+    assert spec["threshold"] != 0.6
+    bad = runner.invoke(app, ["detectors", "calibrate", "nope", "--neg", str(neg), "--sae", str(sae_dir)])
+    assert bad.exit_code == 2 and "valid: planted" in bad.output
+
+
+def test_train_then_eval_then_list(tmp_path: Path, sae_dir: Path, tiny_model_dir: Path) -> None:
+    phrases = {1: "Verify your bank password at this link", 0: "The quick brown fox jumps over the lazy dog"}
+    recs = []
+    for i in range(16):
+        for label, text in phrases.items():
+            msgs = [
+                {"role": "user", "content": f"Ask {i} {label}"},
+                {"role": "assistant", "content": f"{text} {i}."},
+            ]
+            split = "test" if i % 4 == 0 else "train"
+            recs.append({"id": f"t{label}-{i}", "label": label, "split": split, "messages": msgs})
+    (sae_dir / "concepts").mkdir()
+    _write(sae_dir / "concepts" / "toy.jsonl", recs)
+    common = ["--sae", str(sae_dir), "--model", str(tiny_model_dir), "--device", "cpu", "--no-progress"]
+    res = runner.invoke(
+        app, ["detectors", "train", "--concept", "toy", "--layers", "model.layers.2", *common]
+    )
+    assert res.exit_code == 0, res.output
+    assert "ships" in res.output and (sae_dir / "detectors" / "toy.yaml").is_file()
+    report = tmp_path / "eval.md"
+    res = runner.invoke(app, ["detectors", "eval", "--concepts", "toy", "--out", str(report), *common])
+    assert res.exit_code == 0, res.output
+    assert "| seed-test | 4 / 4 | tfidf |" in report.read_text()
+    listed = runner.invoke(app, ["detectors", "list", "--sae", str(sae_dir), "--json"])
+    roles = {r["name"]: r["variant_of"] for r in json.loads(listed.output)}
+    assert roles == {"planted": None, "toy": None, "toy_probe": "toy", "toy_sae": "toy"}
+    scored = _score(tmp_path, sae_dir, tiny_model_dir, GOOD)  # default: the shipped ones, not alternatives
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert scored.exit_code == 0 and set(out[0]["scores"]) == {"planted", "toy"}
+    bad = runner.invoke(app, ["detectors", "train", "--concept", "nope", *common])
+    assert bad.exit_code == 2 and "nope" in bad.output
