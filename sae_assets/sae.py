@@ -313,6 +313,8 @@ class SAE(nn.Module):
         except json.JSONDecodeError as e:
             raise SAEFormatError(f"{cfg_path}: invalid JSON: {e}") from e
         cfg = SAEConfig.from_dict(raw)
+        if dtype is None and torch.device(device).type == "cpu" and cfg.dtype in ("float16", "bfloat16"):
+            dtype = "float32"  # shipped half weights: CPU half matmuls are slow, so compute in fp32
         if dtype is not None:
             cfg = replace(cfg, dtype=dtype)
         sae = cls(cfg)

@@ -236,6 +236,84 @@ def batch_topk_activation(pre: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(pre)
 
 
+class _PairEncode(torch.autograd.Function):
+    """Pre-activations of chosen (row, col) pairs, read from the already computed dense `pre`.
+
+    Backward builds the sparse (B, d_sae) gradient and multiplies sparsely: O(n_pairs · d_in) instead of the
+    dense O(B · d_sae · d_in) encoder backward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        sae_in: torch.Tensor,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        pre: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(sae_in, W_enc, rows, cols)
+        return pre[rows, cols]
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        sae_in, W_enc, rows, cols = ctx.saved_tensors
+        B, d_sae = sae_in.shape[0], W_enc.shape[1]
+        g_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, (d_sae, B), check_invariants=False)
+        grad_W = torch.sparse.mm(g_t, sae_in).t()  # (d_in, d_sae)
+        grad_b = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        g_s = torch.sparse_coo_tensor(torch.stack([rows, cols]), g, (B, d_sae), check_invariants=False)
+        grad_in = torch.sparse.mm(g_s, W_enc.t())  # (B, d_in)
+        return grad_in, grad_W, grad_b, None, None, None
+
+
+class _PairDecode(torch.autograd.Function):
+    """x̂ = Σ_pairs val · W_dec[col] into row; sparse forward and backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, vals: torch.Tensor, W_dec: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, batch: int
+    ) -> torch.Tensor:
+        ctx.save_for_backward(vals, W_dec, rows, cols)
+        f = torch.sparse_coo_tensor(
+            torch.stack([rows, cols]), vals, (batch, W_dec.shape[0]), check_invariants=False
+        )
+        return torch.sparse.mm(f, W_dec)  # (batch, d_in)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        vals, W_dec, rows, cols = ctx.saved_tensors
+        f_t = torch.sparse_coo_tensor(
+            torch.stack([cols, rows]), vals, (W_dec.shape[0], g.shape[0]), check_invariants=False
+        )
+        grad_W = torch.sparse.mm(f_t, g)  # (d_sae, d_in)
+        grad_vals = (g.index_select(0, rows) * W_dec.index_select(0, cols)).sum(-1)  # (n_pairs,)
+        return grad_vals, grad_W, None, None, None
+
+
+def _topk_pairs(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of each row's k largest pre-activations (ReLU later drops the non-positive ones)."""
+    top = pre.topk(k, dim=-1)
+    rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+    return rows, top.indices.flatten()
+
+
+def _batch_topk_pairs(pre: torch.Tensor, k: int, cap: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the B·k largest positive pre-activations of the batch.
+
+    Candidates are each row's top cap·k (a token may use up to 4× the mean budget); selecting among them is
+    exact unless one token would take more than cap·k of the batch's picks, and ~8× faster than a topk
+    over all B·d_sae entries on CPU.
+    """
+    m = min(cap * k, pre.shape[1])
+    cand = pre.topk(m, dim=-1)  # (B, m)
+    flat = torch.relu(cand.values).flatten()
+    keep = flat.topk(min(pre.shape[0] * k, flat.numel())).indices
+    keep = keep[flat[keep] > 0]
+    return keep // m, cand.indices.flatten()[keep]
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, decay_frac: float) -> float:
     """Linear warm-up over `warmup_steps`, flat, then linear decay to 0 over the last `decay_frac`."""
     warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
@@ -277,22 +355,46 @@ class Trainer:
             self.sae.b_dec.copy_(b)
 
     # -- one step --
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (f, pre), both (B, d_sae)."""
-        pre = self.sae.hidden_pre(x)
-        if self.cfg.architecture == "topk":
-            return topk_activation(pre, self.cfg.k), pre
-        return batch_topk_activation(pre, self.cfg.k), pre
+    # The step works on the selected (token, latent) pairs only. The dense encode runs without autograd just
+    # to choose them; their activations are then recomputed with autograd from gathered encoder columns, and
+    # the decode is a sparse matmul. Same loss and gradients as the dense formulation, but the backward pass
+    # touches B·k pairs instead of B·d_sae (measured on 2 CPU cores, B=4096, d_sae=9216: ~5 s → ~1 s/step).
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dense pre-activations (no grad) -> chosen (rows, cols) and the pre tensor (B, d_sae)."""
+        with torch.no_grad():
+            pre = self.sae.hidden_pre(x)  # (B, d_sae)
+            if self.cfg.architecture == "topk":
+                rows, cols = _topk_pairs(pre, self.cfg.k)
+            else:
+                rows, cols = _batch_topk_pairs(pre, self.cfg.k)
+        return rows, cols, pre
 
-    def auxk_loss(self, pre: torch.Tensor, err: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    def pair_acts(
+        self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, pre: torch.Tensor
+    ) -> torch.Tensor:
+        """ReLU'd activations of the chosen pairs, with autograd to W_enc, b_enc and b_dec. (n_pairs,)"""
+        sae_in = x - self.sae.b_dec  # (B, d_in)
+        return torch.relu(_PairEncode.apply(sae_in, self.sae.W_enc, self.sae.b_enc, rows, cols, pre))
+
+    def sparse_decode(
+        self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, batch: int
+    ) -> torch.Tensor:
+        """Σ vals · W_dec[cols] per row, without b_dec. (batch, d_in)"""
+        return _PairDecode.apply(vals, self.sae.W_dec, rows, cols, batch)
+
+    def auxk_loss(
+        self, x: torch.Tensor, pre: torch.Tensor, err: torch.Tensor, dead: torch.Tensor
+    ) -> torch.Tensor:
         """Normalised MSE of reconstructing the residual `err` (B, d_in) from the top-aux_k dead latents."""
         n_dead = int(dead.sum())
         if n_dead == 0 or self.cfg.aux_k == 0:
-            return pre.new_zeros(())
+            return err.new_zeros(())
         k_aux = min(self.cfg.aux_k, n_dead)
-        masked = pre.masked_fill(~dead[None, :], float("-inf"))  # (B, d_sae): only dead latents compete
-        f_aux = topk_activation(masked, k_aux)
-        err_hat = f_aux @ self.sae.W_dec  # (B, d_in); no b_dec: the residual has no offset to model
+        with torch.no_grad():
+            masked = pre.masked_fill(~dead[None, :], float("-inf"))  # (B, d_sae): only dead latents compete
+            rows, cols = _topk_pairs(masked, k_aux)
+        vals = self.pair_acts(x, rows, cols, pre)
+        err_hat = self.sparse_decode(rows, cols, vals, x.shape[0])  # no b_dec: the residual has no offset
         err_var = (err - err.mean(0)).pow(2).sum().clamp_min(1e-12)
         # sparsify: scale down while few latents are dead, so a handful of them cannot dominate the loss.
         scale = min(n_dead / self.cfg.aux_k, 1.0)
@@ -305,12 +407,13 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         dead = self.steps_since_fired >= self.dead_steps  # (d_sae,)
-        f, pre = self.encode(x)
-        x_hat = f @ self.sae.W_dec + self.sae.b_dec  # (B, d_in)
+        rows, cols, pre = self.select(x)
+        vals = self.pair_acts(x, rows, cols, pre)  # (n_pairs,)
+        x_hat = self.sparse_decode(rows, cols, vals, x.shape[0]) + self.sae.b_dec  # (B, d_in)
         err = x - x_hat
         total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
         fvu = err.pow(2).sum() / total_var
-        aux = self.auxk_loss(pre, err.detach(), dead)
+        aux = self.auxk_loss(x, pre, err.detach(), dead)
         loss = fvu + cfg.aux_coef * aux
         loss.backward()
         W_dec = self.sae.W_dec
@@ -320,11 +423,11 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             W_dec.copy_(unit_rows(W_dec))
-            active = f > 0  # (B, d_sae)
+            fired = vals.detach() > 0  # (n_pairs,)
             self.steps_since_fired += 1
-            self.steps_since_fired[active.any(0)] = 0
+            self.steps_since_fired[cols[fired].unique()] = 0
             if cfg.architecture == "batchtopk":
-                self._update_threshold(f[active])
+                self._update_threshold(vals.detach()[fired])
         self.step += 1
         self.tokens += x.shape[0]
         return {
@@ -334,7 +437,7 @@ class Trainer:
             "fvu": fvu.item(),
             "explained_variance": 1.0 - fvu.item(),
             "auxk_loss": aux.item(),
-            "l0": float(active.sum(-1).float().mean()),
+            "l0": float(fired.sum()) / x.shape[0],
             "dead_fraction": float(dead.float().mean()),
             "lr": lr,
             **({"threshold": self.threshold} if cfg.architecture == "batchtopk" else {}),

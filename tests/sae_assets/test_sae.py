@@ -89,9 +89,12 @@ def test_save_load_round_trip(tmp_path: Path, arch: str, k: int | None) -> None:
 def test_fp16_on_disk(tmp_path: Path) -> None:
     sae = random_sae("jumprelu")
     sae.save(tmp_path / "s", dtype="float16")
-    again = SAE.load(tmp_path / "s")
-    assert again.W_enc.dtype == torch.float16
-    torch.testing.assert_close(again.W_enc.float(), sae.W_enc, atol=2e-3, rtol=1e-2)
+    half = SAE.load(tmp_path / "s", dtype="float16")
+    assert half.W_enc.dtype == torch.float16
+    torch.testing.assert_close(half.W_enc.float(), sae.W_enc, atol=2e-3, rtol=1e-2)
+    cpu = SAE.load(tmp_path / "s")  # half on disk is computed in fp32 on CPU
+    assert cpu.W_enc.dtype == torch.float32 and cpu.cfg.dtype == "float32"
+    torch.testing.assert_close(cpu.W_enc, half.W_enc.float())
 
 
 def _write_saelens_folder(folder: Path, cfg: dict, tensors: dict[str, torch.Tensor]) -> None:
