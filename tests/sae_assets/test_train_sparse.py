@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_assets.train import Trainer, TrainConfig, _batch_topk_pairs, _topk_pairs
+from sae_assets.train import TrainConfig, Trainer, _batch_topk_pairs, _topk_pairs
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
