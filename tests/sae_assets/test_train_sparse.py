@@ -44,4 +44,5 @@ def test_batch_topk_pairs_pick_the_batch_largest() -> None:
     assert picked.numel() == 48 and bool((picked > 0).all())
     assert torch.equal(picked.sort(descending=True).values, pre.flatten().topk(48).values)
     rows_t, cols_t = _topk_pairs(pre, k=3)
+    assert torch.equal(pre[rows_t, cols_t].view(16, 3), pre.topk(3, dim=-1).values)
     assert torch.equal(torch.bincount(rows_t, minlength=16), torch.full((16,), 3))
