@@ -232,7 +232,7 @@ def _yaml_issue(source: str, e: yaml.MarkedYAMLError) -> PolicyIssue:
     problem = e.problem or e.context or "syntax error"
     if e.context and e.problem:
         problem = f"{problem} ({e.context}"
-        if e.context_mark is not None and e.problem_mark is not None and e.context_mark.line != mark.line:
+        if e.context_mark is not None and mark is not None and e.context_mark.line != mark.line:
             problem += f" at line {e.context_mark.line + 1}"
         problem += ")"
     if mark is None:
