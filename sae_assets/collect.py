@@ -77,10 +77,26 @@ def pack_contexts(
             buf = buf[context_size:]
 
 
-def keep_mask(ids: torch.Tensor, special_ids: Sequence[int]) -> torch.Tensor:
-    """(B, T) bool: True where a position is trained on (not special, not position 0)."""
+# A residual whose norm exceeds this multiple of the batch's median is a "massive activation" (Sun et al.
+# 2024): attention-sink positions early in a context. Measured on SmolLM2-135M layer 15: typical norms
+# 150-250, sink tokens (e.g. a "\n" at position 1) 9,000-24,000. An SAE cannot reconstruct them, and
+# a JumpReLU encode fires thousands of latents on them, so they are left out like special tokens.
+MASSIVE_NORM_RATIO = 10.0
+
+
+def keep_mask(
+    ids: torch.Tensor,
+    special_ids: Sequence[int],
+    hidden: torch.Tensor | None = None,
+    ratio: float = MASSIVE_NORM_RATIO,
+) -> torch.Tensor:
+    """(B, T) bool: True where a position is trained on / scored: not special, not position 0 and, when the
+    residual `hidden` (B, T, d_in) is given, not a massive-activation outlier."""
     mask = ~torch.isin(ids, torch.tensor(list(special_ids), dtype=ids.dtype, device=ids.device))
     mask[:, 0] = False
+    if hidden is not None and bool(mask.any()):
+        norms = hidden.float().norm(dim=-1)  # (B, T)
+        mask &= norms <= ratio * norms[mask].median()
     return mask
 
 
@@ -130,7 +146,7 @@ def collect(
             break
         ids = torch.tensor(batch, dtype=torch.long, device=device)  # (B, T)
         h = run_to_hooks(model, [cfg.hook_point], input_ids=ids)[cfg.hook_point]  # (B, T, d_in)
-        mask = keep_mask(ids, special)
+        mask = keep_mask(ids, special, h)
         acts_buf.append(h[mask].float().cpu().numpy().astype(np.float16))  # (n_kept, d_in)
         # Keep (context index, position, token id) so dashboards can rebuild the text around a row.
         ctx_idx = (

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from sae_assets.collect import keep_mask, pack_contexts
+from sae_assets.collect import MASSIVE_NORM_RATIO, keep_mask, pack_contexts
 from sae_assets.hooks import hf_hook_point, run_to_hooks
 from sae_assets.sae import SAE
 from sae_assets.text import read_jsonl
@@ -48,6 +48,7 @@ NEIGHBOURS_FILE = "neighbours.npz"
 LABELS_FILE = "labels.json"
 FEATURES_DIR = "features"
 SHARD_SIZE = 256  # latents per shard: a lookup decompresses ~100-200 kB, not the whole file
+MASSIVE_RATIO = MASSIVE_NORM_RATIO  # residual-norm outliers (attention sinks) are not scored; see keep_mask
 ENCODE_BUDGET = 1 << 23  # floats per SAE-encode chunk (32 MB fp32): bounds (contexts, T, d_sae) memory
 _ROW_CHUNK = 512  # latents per logit-effect / neighbour matmul chunk
 _SHARD_CACHE = 4
@@ -153,7 +154,7 @@ def _scan(
             raise ValueError("contexts in a batch must all have the same length")
         ids = torch.tensor(batch, dtype=torch.long, device=model_device)  # (B, T)
         h = run_to_hooks(model, [hook_point], input_ids=ids)[hook_point].to(device)  # (B, T, d_in)
-        ids, mask = ids.to(device), keep_mask(ids, special).to(device)
+        ids, mask = ids.to(device), keep_mask(ids, special, h, MASSIVE_RATIO).to(device)
         per_chunk = max(1, ENCODE_BUDGET // (ids.shape[1] * sae.d_sae))
         with torch.inference_mode():
             for s in range(0, len(batch), per_chunk):
@@ -676,7 +677,7 @@ def top_latents_for_text(
     point = hf_hook_point(hook_point)
     ids = torch.tensor([text_token_ids(tokenizer, text)], device=next(model.parameters()).device)  # (1, T)
     h = run_to_hooks(model, [point], input_ids=ids)[point].to(sae.W_enc.device)  # (1, T, d_in)
-    mask = keep_mask(ids, _special_ids(tokenizer)).to(sae.W_enc.device)
+    mask = keep_mask(ids, _special_ids(tokenizer), h, MASSIVE_RATIO).to(sae.W_enc.device)
     with torch.inference_mode():
         f = (sae.encode(h).float() * mask[..., None])[0]  # (T, d_sae)
     peak, pos = f.max(dim=0)  # (d_sae,)

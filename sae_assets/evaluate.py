@@ -220,6 +220,10 @@ def _eval_batch(
         logits = model(input_ids=ids, use_cache=False).logits  # (B, T, vocab)
     ce["clean"] += _ce_sum(logits, ids, score)
     h = captured["h"]  # (B, T, d_in)
+    # Massive-activation positions stay clean in every pass, like special tokens (see keep_mask).
+    outlier = ~keep_mask(ids, [], h) & replace
+    replace &= ~outlier
+    score &= ~outlier
     x = h[score].float()  # (n, d_in)
     x_hat, f = _sae_reconstruct(sae, x)
     stats.update(x, x_hat, f)

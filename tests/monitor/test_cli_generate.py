@@ -111,3 +111,10 @@ def test_pending_groups_exit_nonzero() -> None:
     res = runner.invoke(app, ["serve"])
     assert res.exit_code == 3
     assert "[4/7]" in res.output
+
+
+def test_demo_prints_tokens_with_top_latents(tiny_model_dir: Path, tmp_path: Path) -> None:
+    sae = _tiny_sae(tmp_path)
+    res = runner.invoke(app, ["demo", "--model", str(tiny_model_dir), "--sae", str(sae), "--max-tokens", "4"])
+    assert res.exit_code == 0, res.output
+    assert "top latents" in res.output and "assistant:" in res.output
