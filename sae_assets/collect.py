@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sae_assets.hooks import run_to_hooks
+from sae_assets.hooks import MASSIVE_NORM_RATIO, run_to_hooks
 from sae_assets.text import read_jsonl, record_token_ids
 
 MANIFEST = "collect.json"
@@ -75,13 +75,6 @@ def pack_contexts(
         while len(buf) >= context_size:
             yield buf[:context_size]
             buf = buf[context_size:]
-
-
-# A residual whose norm exceeds this multiple of the batch's median is a "massive activation" (Sun et al.
-# 2024): attention-sink positions early in a context. Measured on SmolLM2-135M layer 15: typical norms
-# 150-250, sink tokens (e.g. a "\n" at position 1) 9,000-24,000. An SAE cannot reconstruct them, and
-# a JumpReLU encode fires thousands of latents on them, so they are left out like special tokens.
-MASSIVE_NORM_RATIO = 10.0
 
 
 def keep_mask(

@@ -22,6 +22,20 @@ _HF_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)$")
 _SAELENS_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 
 
+# A residual whose norm exceeds this multiple of the median is a "massive activation" (Sun et al. 2024):
+# attention-sink positions early in a context. Measured on SmolLM2-135M layer 15: typical norms 150-250,
+# sink tokens (e.g. a "\n" at position 1) 9,000-24,000. An SAE cannot reconstruct them and a JumpReLU encode
+# fires thousands of latents on them, so they are not trained on, scored, or steered.
+MASSIVE_NORM_RATIO = 10.0
+
+
+def ordinary_positions(hidden: torch.Tensor, ratio: float = MASSIVE_NORM_RATIO) -> torch.Tensor:
+    """(..., T, d) -> (..., T) bool: False at massive-activation positions (norm > ratio × median of the
+    last axis' positions). With a single position there is nothing to compare with: it counts as ordinary."""
+    norms = hidden.float().norm(dim=-1)  # (..., T)
+    return norms <= ratio * norms.median(dim=-1, keepdim=True).values
+
+
 class HookPointError(ValueError):
     """A hook point that does not name a module of the model."""
 
@@ -159,6 +173,7 @@ class Steering:
             h = hidden[row]  # (T, d_in)
             f = self.sae.encode_watched(h, ids)  # (T, n_clamped)
             delta = (target - f) @ self.sae.W_dec.index_select(0, ids)  # (T, d_in)
+            delta = delta * ordinary_positions(h)[:, None]  # never steer attention sinks
             out[row] = (h.to(delta.dtype) + delta).to(hidden.dtype)
         return out
 
