@@ -21,9 +21,12 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# Until the sidecar server lands ([4/7]) `run` performs a real monitored generation with the default model
-# and the shipped SAE, printing the top SAE features per token.
+# `run` starts the sidecar: the OpenAI-compatible server on http://127.0.0.1:8000/v1 with the default
+# model, SAE, detectors and policy (Ctrl-C stops it). `demo` prints the top SAE features per token instead.
 run: install
+	$(BIN)/featurewatch serve
+
+demo: install
 	$(BIN)/featurewatch demo
 
 test: install
@@ -34,6 +37,7 @@ test: install
 
 bench: install
 	$(BIN)/python bench/bench_runtime.py
+	$(BIN)/python bench/bench_server.py --out docs/bench_server.json
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

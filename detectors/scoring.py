@@ -11,6 +11,8 @@ Output per record, in input order:
    "top_features": {detector: [{latent_id, label, activation, token_index, token}]}}
 `token_index` counts the detector's scored tokens from 0 (special tokens and position 0 are never scored).
 A record that cannot be scored yields {"id", "error": "line N: …"} instead; nothing is dropped.
+With `token_scores=True` (the server's shadow mode) each result also has `n_prompt` (scored rows before the
+completion), `token_texts` and `token_scores` {detector: [score per scored row]}, prompt rows first.
 """
 
 from __future__ import annotations
@@ -83,11 +85,12 @@ class Scorer:
         *,
         top_k: int = 5,
         max_tokens: int | None = None,
+        token_scores: bool = False,
     ) -> None:
         if not detectors:
             raise DetectorError("no detectors to score with")
         self.model, self.tokenizer, self.detectors = model, tokenizer, detectors
-        self.labels, self.top_k = labels, top_k
+        self.labels, self.top_k, self.token_scores = labels, top_k, token_scores
         self.points = list(dict.fromkeys(p for d in detectors.values() for p in d.hook_points()))
         self.latent_ids = sorted({i for d in detectors.values() for i in d.latent_ids()})
         if self.latent_ids and sae is None:
@@ -139,7 +142,7 @@ class Scorer:
             scores[name], fired[name] = value, fires(det, value)
             top[name] = [self._evidence(prep, item, offset) for item in det.top_features(span, self.top_k)]
         n_scored = feats.n_tokens - prep.n_prompt if prep.kind == "completion" else feats.n_tokens
-        return {
+        out = {
             "id": prep.id,
             "scope": prep.kind,
             "tokens": n_scored,
@@ -147,6 +150,14 @@ class Scorer:
             "fired": fired,
             "top_features": top,
         }
+        if self.token_scores:  # per-token evidence over every scored row, prompt rows first
+            out["n_prompt"] = prep.n_prompt
+            out["token_texts"] = [self._token(prep.ids[p]) for p in prep.positions]
+            out["token_scores"] = {
+                name: [float(x) for x in det.score_tokens(feats).tolist()]
+                for name, det in self.detectors.items()
+            }
+        return out
 
     def _evidence(self, prep: _Prepared, item: dict[str, Any], offset: int) -> dict[str, Any]:
         lat, t = int(item["latent_id"]), int(item["token_index"])

@@ -11,6 +11,7 @@ from monitor.cli_generate import register_demo
 from monitor.cli_policy import policy_app
 from monitor.cli_sae import sae_app
 from monitor.cli_score import register as register_score
+from monitor.cli_serve import register as register_serve
 from monitor.cli_stubs import register as register_stubs
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ register_generate(app)
 register_demo(app)
 app.add_typer(detectors_app, name="detectors")
 register_score(app)
+register_serve(app)
 register_stubs(app)
 app.add_typer(policy_app, name="policy")
 

@@ -180,6 +180,25 @@ def train_cmd(
         ),
     ] = None,
     seed: Annotated[bool, typer.Option("--seed/--no-seed", help="Use the seed train/test splits.")] = True,
+    public_train: Annotated[
+        int,
+        typer.Option(
+            "--public-train",
+            min=0,
+            help="Also train on N records per public eval suite of the concept (their train splits only).",
+        ),
+    ] = 0,
+    balance_sources: Annotated[
+        bool,
+        typer.Option(
+            "--balance-sources/--no-balance-sources",
+            help="Weight probe training so the seed data and each public suite count equally.",
+        ),
+    ] = False,
+    public_suites: Annotated[
+        str | None,
+        typer.Option("--public-suites", help="Only these eval suites for --public-train (comma-separated)."),
+    ] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Output folder; default <SAE>/detectors.")
     ] = None,
@@ -201,11 +220,14 @@ def train_cmd(
     """Build a residual probe and an SAE-feature detector per concept.
 
     Held-out AUROC (seed test split) picks the kind written as <concept>.yaml; both stay as
-    <concept>_probe.yaml and <concept>_sae.yaml.
+    <concept>_probe.yaml and <concept>_sae.yaml. With --public-train N the training records also include N
+    per public eval suite from the datasets' train splits (never their test splits, which `detectors eval`
+    reports); the spec records this so that eval trains its TF-IDF baseline on the same records.
     """
-    from detectors.datasets import DatasetError, load_seed, stable_hash
+    from detectors.datasets import DatasetError, TrainingData, load_seed, stable_hash
 
     concepts = _names(concept)
+    only = _public_suites(public_suites, concepts)  # before loading the model: fail fast
     extra = [r for p in train or [] for r in _records(p, "--train")]
     bad = [r.get("id") for r in extra if r.get("label") not in (0, 1)]
     if bad:
@@ -221,15 +243,22 @@ def train_cmd(
     target = out_dir or folder / "detectors"
     labels = load_labels(folder)
     for c in concepts:
+        data = TrainingData(
+            seed=seed,
+            public_per_suite=public_train,
+            public_suites=None if only is None else tuple(s for s in only if s in _suite_names(c)),
+            max_tokens=max_tokens,
+            extra_files=tuple(p.name for p in train or []),
+        )
         try:
-            seed_train = load_seed(c, "train", sae=_seed_source(folder)) if seed else []
+            train_recs = data.records(c, sae=_seed_source(folder))
             seed_test = load_seed(c, "test", sae=_seed_source(folder)) if seed else []
             result = build_concept_detectors(
                 lm.model,
                 lm.tokenizer,
                 sae_obj,
                 c,
-                seed_train + extra,
+                train_recs + extra,
                 cal,
                 target,
                 test_records=seed_test,
@@ -240,10 +269,29 @@ def train_cmd(
                 max_tokens=max_tokens,
                 batch_size=batch_size,
                 progress=progress,
+                data=data.as_dict(),
+                balance_sources=balance_sources,
             )
         except (DatasetError, DetectorError) as e:
             raise fail(f"{c}: {e}") from e
         _print_build(result)
+
+
+def _suite_names(concept: str) -> list[str]:
+    from detectors.datasets import EVAL_SUITES
+
+    return [s.name for s in EVAL_SUITES.get(concept, [])]
+
+
+def _public_suites(raw: str | None, concepts: list[str]) -> list[str] | None:
+    """--public-suites as a list; every name must be an eval suite of one of the concepts (exit 2)."""
+    if raw is None:
+        return None
+    names, valid = _names(raw), [n for c in concepts for n in _suite_names(c)]
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise fail(f"--public-suites: unknown suite(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return names
 
 
 def _print_build(result: Any) -> None:

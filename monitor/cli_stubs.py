@@ -20,9 +20,4 @@ def register(app: typer.Typer) -> None:
     for name in ("list", "show", "label", "export", "replay"):
         audit.command(name)(lambda _n=name: _pending(f"audit {_n}", "[6/7]"))
 
-    @app.command()
-    def serve() -> None:
-        """Run the OpenAI-compatible sidecar."""
-        _pending("serve", "[4/7]")
-
     app.add_typer(audit, name="audit")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 
-from sae_assets.hooks import LatentWatch, Steering, sae_hooks
+from sae_assets.hooks import LatentWatch, Steering, capture, hf_hook_point, sae_hooks
 from sae_assets.sae import SAE
 
 Decision = Literal["continue", "stop"]
@@ -46,6 +46,16 @@ class TokenEvent:
     text: str  # new text this token completes (may be "" while a multi-byte character is incomplete)
     latents: torch.Tensor  # (n_watched,) watched latent activations at this token, CPU float32
     full_latents: torch.Tensor | None = None  # (d_sae,) when the watch encodes all latents
+    resid: dict[str, torch.Tensor] = field(default_factory=dict)  # {point: (d_in,)} CPU float32
+
+
+@dataclass(frozen=True)
+class PromptFeatures:
+    """What the prefill pass saw of one prompt (its own tokens only, no padding)."""
+
+    token_ids: list[int]
+    latents: torch.Tensor  # (T, n_watched) CPU float32
+    resid: dict[str, torch.Tensor] = field(default_factory=dict)  # {point: (T, d_in)} CPU float32
 
 
 @dataclass
@@ -57,7 +67,7 @@ class SequenceResult:
 
 
 OnToken = Callable[[TokenEvent], Decision | None]
-OnPrompt = Callable[[int, torch.Tensor], Decision | None]
+OnPrompt = Callable[[int, PromptFeatures], Decision | None]
 
 
 def _cache_kwarg(model: Any) -> str:
@@ -124,11 +134,17 @@ class Generator:
         watch: Sequence[int] = (),
         watch_all: bool = False,
         steering: Steering | None = None,
+        capture_points: Sequence[str] = (),
         on_token: OnToken | None = None,
         on_prompt: OnPrompt | None = None,
         results: list[SequenceResult] | None = None,
     ) -> Iterator[TokenEvent]:
-        """Yield each emitted token. `results` (if given) is filled with one SequenceResult per prompt."""
+        """Yield each emitted token. `results` (if given) is filled with one SequenceResult per prompt.
+
+        `capture_points`: residual-stream hook points read at every position (after any steering at the
+        SAE's point), handed to `on_prompt` and carried by each TokenEvent (for probe detectors).
+        `steering` may be changed between tokens (e.g. by `on_token`); it applies from the next pass.
+        """
         n = len(prompts)
         if n == 0:
             return
@@ -149,13 +165,20 @@ class Generator:
             if self.sae is not None and self.hook_point
             else _null()
         )
-        with torch.inference_mode(), hooks:
+        points = [hf_hook_point(p) for p in capture_points]
+        # Registered after the SAE hook, so the captured residual is the steered one the model computes with.
+        with torch.inference_mode(), hooks, capture(self.model, points) as cap:
             cache = self._new_cache()
             logits = self._forward(ids, mask, pos, cache)  # (B, vocab) at the last position
-            if on_prompt is not None and lw is not None and lw.latest is not None:
+            if on_prompt is not None:
+                lat = self._step_latents(lw, None, n)
+                resid = {p: cap[p].float().cpu() for p in points}  # (B, T, d_in)
                 for row in range(n):
                     t = len(prompts[row])
-                    if on_prompt(row, lw.latest[row, -t:].float().cpu()) == "stop":  # (T_row, n_watched)
+                    feats = PromptFeatures(
+                        list(prompts[row]), lat[row, -t:], {p: r[row, -t:] for p, r in resid.items()}
+                    )
+                    if on_prompt(row, feats) == "stop":
                         active[row], res[row].finish_reason = False, "content_filter"
             while any(active):
                 next_ids = [
@@ -167,10 +190,26 @@ class Generator:
                 mask = torch.cat([mask, torch.ones_like(new)], dim=1)
                 pos = pos[:, -1:] + 1
                 logits = self._forward(new, mask, pos, cache)
+                # One device->CPU copy per step for the whole batch, not one per row.
+                lat = self._step_latents(lw, -1, n)  # (B, n_watched)
+                full = (
+                    lw.latest_full[:, -1].float().cpu()
+                    if lw is not None and lw.latest_full is not None
+                    else None
+                )
+                resid = {p: cap[p][:, -1].float().cpu() for p in points}  # {point: (B, d_in)}
                 for row in range(n):
                     if not active[row]:
                         continue
-                    ev = self._event(row, len(res[row].token_ids), next_ids[row], detoks[row], lw)
+                    ev = TokenEvent(
+                        row=row,
+                        index=len(res[row].token_ids),
+                        token_id=next_ids[row],
+                        text=detoks[row].push(next_ids[row]),
+                        latents=lat[row],
+                        full_latents=None if full is None else full[row],
+                        resid={p: r[row] for p, r in resid.items()},
+                    )
                     if on_token is not None and on_token(ev) == "stop":
                         active[row], res[row].finish_reason = False, "content_filter"
                         continue
@@ -180,14 +219,7 @@ class Generator:
                     hit = next((s for s in plist[row].stop if s in r.text), None)
                     if hit is not None:
                         cut = r.text.index(hit)
-                        ev = TokenEvent(
-                            row,
-                            ev.index,
-                            ev.token_id,
-                            ev.text[: max(0, len(ev.text) - (len(r.text) - cut))],
-                            ev.latents,
-                            ev.full_latents,
-                        )
+                        ev = replace(ev, text=ev.text[: max(0, len(ev.text) - (len(r.text) - cut))])
                         r.text = r.text[:cut]
                         active[row], r.finish_reason = False, "stop"
                     elif len(r.token_ids) >= plist[row].max_tokens:
@@ -238,14 +270,12 @@ class Generator:
             return self.pad_id
         return tok
 
-    def _event(self, row: int, step: int, tok: int, detok: _Detok, lw: LatentWatch | None) -> TokenEvent:
-        lat = lw.latest[row, -1].float().cpu() if lw is not None and lw.latest is not None else torch.zeros(0)
-        full = (
-            lw.latest_full[row, -1].float().cpu() if lw is not None and lw.latest_full is not None else None
-        )
-        return TokenEvent(
-            row=row, index=step, token_id=tok, text=detok.push(tok), latents=lat, full_latents=full
-        )
+    def _step_latents(self, lw: LatentWatch | None, last: int | None, n: int) -> torch.Tensor:
+        """Watched latents of the latest pass on CPU: (B, n_watched) at `last`, else (B, T, n_watched)."""
+        if lw is None or lw.latest is None:
+            return torch.zeros((n, 0) if last is not None else (n, 0, 0))
+        x = lw.latest[:, last] if last is not None else lw.latest
+        return x.float().cpu()
 
 
 class _null:

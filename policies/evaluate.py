@@ -98,12 +98,16 @@ def evaluate(
     phase: Phase = "completion",
     thresholds: Mapping[str, float] | None = None,
     clamps: Mapping[str, Mapping[int, float]] | None = None,
+    aggregations: Mapping[str, Aggregation] | None = None,
+    final: bool = True,
 ) -> Verdict:
     """The verdict of `policy` on `findings` (at most one per detector and scope).
 
     `thresholds` maps detector -> its spec's calibrated threshold (for `threshold: calibrated`); `clamps`
-    maps detector -> its `clamp_for_steering()` (for `steer: {latents: detector}`). A rule whose detector
-    has no finding for a scope it reads fails closed like a detector error.
+    maps detector -> its `clamp_for_steering()` (for `steer: {latents: detector}`); `aggregations` maps
+    detector -> its spec's aggregation (for `aggregation: detector`). A rule whose detector has no finding
+    for a scope it reads fails closed like a detector error. With `final` False (mid-stream) a rule with
+    `min_tokens` waits until its scope has that many scores.
     """
     index: dict[tuple[str, str], Finding] = {}
     for f in findings:
@@ -112,39 +116,56 @@ def evaluate(
         index[(f.detector, f.scope)] = f
     outcomes = []
     for rule in applicable_rules(policy, tenant, route, phase):
-        value, error = _rule_value(rule, index, phase)
+        agg, error = resolve_aggregation(rule, aggregations)
+        value, n = None, None
+        if agg is not None:
+            value, error, n = _rule_value(rule, agg, index, phase)
+        if error is None and not final and n is not None and n < rule.min_tokens:
+            continue  # not enough tokens yet to judge
         outcomes.append(judge(rule, value, error, policy.defaults, thresholds, clamps))
     return combine(outcomes)
 
 
+def resolve_aggregation(
+    rule: Rule, aggregations: Mapping[str, Aggregation] | None
+) -> tuple[Aggregation | None, str | None]:
+    """The rule's aggregation, or for `aggregation: detector` its detector's (an error when unknown)."""
+    if isinstance(rule.aggregation, Aggregation):
+        return rule.aggregation, None
+    agg = (aggregations or {}).get(rule.detector)
+    return (agg, None) if agg is not None else (None, f"no aggregation known for detector {rule.detector!r}")
+
+
 def _rule_value(
-    rule: Rule, index: Mapping[tuple[str, str], Finding], phase: Phase
-) -> tuple[float | None, str | None]:
-    agg, det = rule.aggregation, rule.detector
+    rule: Rule, agg: Aggregation, index: Mapping[tuple[str, str], Finding], phase: Phase
+) -> tuple[float | None, str | None, int | None]:
+    """(value, error, number of scores it aggregates; None for a precomputed value)."""
+    det = rule.detector
     # A "both" finding (precomputed over the whole conversation) serves only scope-both rules.
     f = index.get((det, rule.scope))
     if rule.scope != "both" or f is not None:
         if f is None:
-            return None, f"no {rule.scope} finding for detector {det!r}"
+            return None, f"no {rule.scope} finding for detector {det!r}", None
         if f.error is not None:
-            return None, f.error
+            return None, f.error, None
         if agg in f.values:
-            return f.values[agg], None
+            return f.values[agg], None, None
         if f.scores is None:
-            return None, f"no {rule.scope} scores or {format_aggregation(agg)} value for detector {det!r}"
-        return _aggregate(f.scores, agg)
+            msg = f"no {rule.scope} scores or {format_aggregation(agg)} value for detector {det!r}"
+            return None, msg, None
+        return (*_aggregate(f.scores, agg), len(f.scores))
     # scope both from the two halves: prompt scores, then (once generating) completion scores.
     parts = [index.get((det, scope)) for scope in _STREAMS["both"][: 2 if phase == "completion" else 1]]
     scores: list[float] = []
     for scope, f in zip(_STREAMS["both"], parts, strict=False):
         if f is None:
-            return None, f"no {scope} finding for detector {det!r}"
+            return None, f"no {scope} finding for detector {det!r}", None
         if f.error is not None:
-            return None, f.error
+            return None, f.error, None
         if f.scores is None:
-            return None, f"scope both needs {scope} token scores for detector {det!r}"
+            return None, f"scope both needs {scope} token scores for detector {det!r}", None
         scores.extend(f.scores)
-    return _aggregate(scores, agg)
+    return (*_aggregate(scores, agg), len(scores))
 
 
 def _aggregate(scores: tuple[float, ...] | list[float], agg: Aggregation) -> tuple[float | None, str | None]:
@@ -180,9 +201,10 @@ def judge(
         if rule.steer is not None:
             latents = rule.steer.latents if isinstance(rule.steer.latents, dict) else {}
             if rule.steer.latents == "detector":
-                latents = (clamps or {}).get(rule.detector) or {}
+                source = rule.steer.detector or rule.detector
+                latents = (clamps or {}).get(source) or {}
                 if not latents:  # steering that clamps nothing would silently allow
-                    error = f"no steering clamps for detector {rule.detector!r}"
+                    error = f"no steering clamps for detector {source!r}"
         if error is None:
             message = (rule.message or defaults.block_message) if rule.action == "block" else rule.message
             return FiredRule(rule.id, rule.detector, rule.action, value, threshold, message), latents
@@ -212,10 +234,11 @@ class PolicyState:
     """Streaming evaluation for one request: feed token scores as they come, get the verdict so far.
 
     Equivalence: after any sequence of calls, `verdict` == `evaluate(policy, findings, tenant=, route=,
-    phase=self.phase, thresholds=, clamps=)` where findings hold, for every detector in `detectors`, a
-    prompt Finding and (in the completion phase) a completion Finding with all scores fed for it and the
-    error passed to `fail` (if any). The phase switches to completion with the first completion score (or
-    `start_completion()`); prompt scores after that are refused, so scope-both streams stay in order.
+    phase=self.phase, thresholds=, clamps=, aggregations=, final=self.final)` where findings hold, for
+    every detector in `detectors`, a prompt Finding and (in the completion phase) a completion Finding with
+    all scores fed for it and the error passed to `fail` (if any). The phase switches to completion with
+    the first completion score (or `start_completion()`); prompt scores after that are refused, so
+    scope-both streams stay in order. `finish()` marks the message complete (final).
     """
 
     def __init__(
@@ -226,12 +249,16 @@ class PolicyState:
         route: str | None = None,
         thresholds: Mapping[str, float] | None = None,
         clamps: Mapping[str, Mapping[int, float]] | None = None,
+        aggregations: Mapping[str, Aggregation] | None = None,
     ) -> None:
         self.policy, self.tenant, self.route = policy, tenant, route
         self.thresholds, self.clamps = dict(thresholds or {}), dict(clamps or {})
+        self.final = False
         self.phase: Phase = "prompt"
         self._rules = [r for r in policy.rules if r.applies_to(tenant, route)]
-        self._aggs = [RunningAggregate(r.aggregation) for r in self._rules]
+        resolved = [resolve_aggregation(r, aggregations) for r in self._rules]
+        self._agg_errors = [err for _, err in resolved]  # a rule whose aggregation is unknown fails closed
+        self._aggs = [RunningAggregate(agg or Aggregation()) for agg, _ in resolved]
         self._consumers: dict[tuple[str, str], list[int]] = {}  # stream -> rules whose aggregate reads it
         for i, rule in enumerate(self._rules):
             for scope in _STREAMS[rule.scope]:
@@ -271,6 +298,12 @@ class PolicyState:
         self._verdict = self._compute()
         return self._verdict
 
+    def finish(self) -> Verdict:
+        """The message has ended: rules waiting for `min_tokens` are judged on what there is."""
+        self.final = True
+        self._verdict = self._compute()
+        return self._verdict
+
     def start_completion(self) -> Verdict:
         self.phase = "completion"
         self._verdict = self._compute()
@@ -281,7 +314,9 @@ class PolicyState:
         for i, rule in enumerate(self._rules):
             if self.phase == "prompt" and rule.scope == "completion":
                 continue
-            error = self._stream_error(rule)
+            error = self._agg_errors[i] or self._stream_error(rule)
+            if error is None and not self.final and self._aggs[i].n_tokens < rule.min_tokens:
+                continue  # not enough tokens yet to judge
             value = None if error is not None else self._aggs[i].value
             outcomes.append(judge(rule, value, error, self.policy.defaults, self.thresholds, self.clamps))
         return combine(outcomes)

@@ -134,10 +134,12 @@ def _rule_checks(data: dict[str, Any], root: Node, known: set[str] | None) -> It
                 )
             else:
                 first_seen[rid] = _line(root, loc)
-        if known is not None and isinstance(det, str) and det not in known:
-            loc = ("rules", i, "detector")
-            valid = ", ".join(sorted(known)) or "none"
-            yield _line(root, loc), _dotted(loc), f"unknown detector {det!r} (valid: {valid})"
+        steer = rule.get("steer")
+        source = steer.get("detector") if isinstance(steer, dict) else None
+        for loc, name in ((("rules", i, "detector"), det), (("rules", i, "steer", "detector"), source)):
+            if known is not None and isinstance(name, str) and name not in known:
+                valid = ", ".join(sorted(known)) or "none"
+                yield _line(root, loc), _dotted(loc), f"unknown detector {name!r} (valid: {valid})"
 
 
 def _duplicate_keys(node: Node, loc: Loc) -> Iterator[tuple[int, str, str]]:

@@ -23,6 +23,8 @@ from policies.schema import Policy
 
 log = logging.getLogger(__name__)
 ReloadCallback = Callable[[list[PolicyIssue]], None]
+# Checks beyond the file itself (e.g. the server: every steer source can steer); issues reject the policy.
+PolicyValidator = Callable[[Policy, str], list[PolicyIssue]]
 
 
 def _digest(text: str) -> str:
@@ -42,13 +44,18 @@ class PolicyHolder:
         known_detectors: set[str] | None = None,
         *,
         on_reload: ReloadCallback | None = None,
+        validate: PolicyValidator | None = None,
     ) -> None:
         self.path = Path(path)
         self.known_detectors = known_detectors
         self.on_reload = on_reload
+        self.validate = validate
         self._lock = threading.Lock()
         text = self._read()
         self._policy: Policy = parse_policy(text, str(self.path), known_detectors)
+        extra = validate(self._policy, str(self.path)) if validate is not None else []
+        if extra:
+            raise PolicyError(extra)
         self._file_digest = _digest(text)  # the file content last tried, so a watcher retries only on change
         self.generation = 1
         self.last_issues: list[PolicyIssue] = []
@@ -69,6 +76,8 @@ class PolicyHolder:
     def apply_text(self, text: str, source: str) -> list[PolicyIssue]:
         """Check `text` in full and make it the active policy only if it has no issues."""
         policy, issues = check_policy(text, source, self.known_detectors)
+        if not issues and policy is not None and self.validate is not None:
+            issues = self.validate(policy, source)
         if issues or policy is None:
             return self._rejected(issues)
         with self._lock:  # one swap at a time, so generation matches the number of swaps

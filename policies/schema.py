@@ -27,11 +27,20 @@ DUPLICATE_ID_ERROR = "duplicate_rule_id"
 
 
 class Steer(BaseModel):
-    """`latents: {id: value}` clamps, or `latents: detector` for the detector's own `clamp_for_steering()`."""
+    """`latents: {id: value}` clamps, or `latents: detector` for a detector's own `clamp_for_steering()`:
+    the rule's detector, or `detector: NAME` (e.g. a residual probe decides, and its SAE-feature twin,
+    which knows which latents carry the concept, supplies the clamps)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     latents: dict[int, float] | Literal["detector"]
+    detector: str | None = Field(default=None, pattern=NAME_PATTERN)
+
+    @model_validator(mode="after")
+    def _detector_needs_latents_detector(self) -> Steer:
+        if self.detector is not None and self.latents != "detector":
+            raise ValueError("`detector` names where clamps come from: use it with `latents: detector`")
+        return self
 
     @field_validator("latents", mode="before")
     @classmethod
@@ -66,7 +75,8 @@ class Rule(BaseModel):
     enabled: bool = True
     detector: str = Field(pattern=NAME_PATTERN)
     scope: Scope = "completion"
-    aggregation: Aggregation = Field(default_factory=Aggregation)
+    # An aggregation, or "detector": the detector spec's own (the one its calibrated threshold is for).
+    aggregation: Aggregation | Literal["detector"] = Field(default_factory=Aggregation)
     # A number, or "calibrated". For count_over a whole number of tokens, else a value in [0, 1].
     threshold: float | Literal["calibrated"]
     action: Action
@@ -74,6 +84,9 @@ class Rule(BaseModel):
     tenants: list[str] | None = None  # None: every tenant
     routes: list[str] | None = None  # None: every route
     message: str | None = None  # shown to the client when this rule blocks
+    # The rule waits until its scope has this many scored tokens (or the message has ended): a mean over
+    # the first token or two is noise. The server holds back min_tokens-1 tokens for block rules.
+    min_tokens: int = Field(default=0, ge=0)
 
     @field_validator("threshold", mode="before")
     @classmethod
@@ -92,6 +105,14 @@ class Rule(BaseModel):
         elif not 0.0 <= raw <= 1.0:
             raise ValueError(f"must lie in [0, 1] (a score threshold), got {raw!r}")
         return float(raw)
+
+    @field_validator("aggregation", mode="before")
+    @classmethod
+    def _detector_or_aggregation(cls, raw: Any) -> Any:
+        # Checked by hand so a typo reads "unknown aggregation", not one error per union member.
+        if raw == "detector" or isinstance(raw, Aggregation):
+            return raw
+        return Aggregation.model_validate(raw)
 
     @field_validator("steer")
     @classmethod
@@ -170,9 +191,22 @@ class Policy(BaseModel):
         """Detector names the enabled rules read, in first-use order."""
         return list(dict.fromkeys(r.detector for r in self.rules if r.enabled))
 
+    @property
+    def steer_sources(self) -> list[str]:
+        """Detectors whose `clamp_for_steering()` enabled `steer: {latents: detector}` rules use."""
+        return list(
+            dict.fromkeys(
+                r.steer.detector or r.detector
+                for r in self.rules
+                if r.enabled and r.steer is not None and r.steer.latents == "detector"
+            )
+        )
 
-def format_aggregation(agg: Aggregation) -> str:
+
+def format_aggregation(agg: Aggregation | str) -> str:
     """`max`, `ema(window=8)`, `sustained(threshold=1.0, n=3)`: compact, for tables and audit lines."""
+    if isinstance(agg, str):
+        return agg
     params = [
         f"{p}={getattr(agg, p)}" for p in ("k", "window", "threshold", "n") if getattr(agg, p) is not None
     ]

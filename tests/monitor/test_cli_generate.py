@@ -108,9 +108,9 @@ def test_steer_changes_text(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_pending_groups_exit_nonzero() -> None:
-    res = runner.invoke(app, ["serve"])
+    res = runner.invoke(app, ["audit", "list"])
     assert res.exit_code == 3
-    assert "[4/7]" in res.output
+    assert "[6/7]" in res.output
 
 
 def test_demo_prints_tokens_with_top_latents(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -7,7 +7,14 @@ from typing import Any
 import pytest
 import torch
 
-from monitor.generate import Generator, SamplingParams, SequenceResult, TokenEvent, generate_text
+from monitor.generate import (
+    Generator,
+    PromptFeatures,
+    SamplingParams,
+    SequenceResult,
+    TokenEvent,
+    generate_text,
+)
 from sae_assets.hooks import Steering
 from sae_assets.sae import SAE, SAEConfig
 
@@ -138,16 +145,26 @@ def test_watched_latents_equal_full_encode_of_token(tiny_lm: Any, sae: SAE) -> N
 def test_prompt_side_stop(tiny_lm: Any, sae: SAE) -> None:
     gen = Generator(tiny_lm.model, tiny_lm.tokenizer, sae, "model.layers.2")
     ids = [_ids(tiny_lm, t) for t in PROMPTS[:2]]
-    seen: dict[int, tuple[int, ...]] = {}
+    seen: dict[int, tuple[tuple[int, ...], tuple[int, ...], list[int]]] = {}
 
-    def on_prompt(row: int, lat: torch.Tensor) -> str:
-        seen[row] = tuple(lat.shape)
+    def on_prompt(row: int, feats: PromptFeatures) -> str:
+        seen[row] = (tuple(feats.latents.shape), tuple(feats.resid["model.layers.1"].shape), feats.token_ids)
         return "stop" if row == 0 else "continue"
 
     results: list[SequenceResult] = []
     gen.eos_ids = set()
-    list(gen.stream(ids, SamplingParams(max_tokens=4), watch=[0, 1], on_prompt=on_prompt, results=results))
-    assert seen[0] == (len(ids[0]), 2) and seen[1] == (len(ids[1]), 2)
+    list(
+        gen.stream(
+            ids,
+            SamplingParams(max_tokens=4),
+            watch=[0, 1],
+            capture_points=["model.layers.1"],
+            on_prompt=on_prompt,
+            results=results,
+        )
+    )
+    for row in (0, 1):  # each row sees its own tokens only, not the left padding
+        assert seen[row] == ((len(ids[row]), 2), (len(ids[row]), 32), ids[row])
     assert results[0].finish_reason == "content_filter" and results[0].token_ids == []
     assert len(results[1].token_ids) == 4
 
@@ -168,3 +185,20 @@ def test_bad_params() -> None:
         SamplingParams(max_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+def test_captured_residuals_match_a_teacher_forced_pass(tiny_lm: Any, sae: SAE) -> None:
+    """Per-token residuals from the KV-cached loop equal one full forward over prompt + completion."""
+    from sae_assets.hooks import run_to_hooks
+
+    gen = Generator(tiny_lm.model, tiny_lm.tokenizer, sae, "model.layers.2")
+    gen.eos_ids = set()
+    ids = [_ids(tiny_lm, PROMPTS[0]), _ids(tiny_lm, PROMPTS[1])]  # different lengths: left padding
+    events = list(gen.stream(ids, SamplingParams(max_tokens=5), capture_points=["model.layers.1"]))
+    for row in (0, 1):
+        mine = [e for e in events if e.row == row]
+        full = ids[row] + [e.token_id for e in mine]
+        ref = run_to_hooks(tiny_lm.model, ["model.layers.1"], input_ids=torch.tensor([full]))
+        ref_rows = ref["model.layers.1"][0, len(ids[row]) : len(full)]  # the positions that read each token
+        got = torch.stack([e.resid["model.layers.1"] for e in mine])
+        torch.testing.assert_close(got, ref_rows.float(), atol=1e-4, rtol=1e-4)

@@ -18,7 +18,7 @@ runner = CliRunner()
 def detectors_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "detectors"
     folder.mkdir()
-    for name in ("scam", "deception", "bias"):
+    for name in ("scam", "deception", "bias", "bias_sae"):
         (folder / f"{name}.yaml").write_text(f"name: {name}\n")
     return folder
 
@@ -38,7 +38,7 @@ def test_check_bad_policy_lists_every_issue(tmp_path: Path, detectors_dir: Path)
     assert res.exit_code == 1
     lines = res.stdout.splitlines()
     assert lines == [
-        f"{bad}:4: rules[0].detector: unknown detector 'scamm' (valid: bias, deception, scam)",
+        f"{bad}:4: rules[0].detector: unknown detector 'scamm' (valid: bias, bias_sae, deception, scam)",
         f"{bad}:6: rules[0].action: unknown action 'blok' (valid: allow, log, flag, steer, block)",
     ]
     assert "2 issue(s)" in res.stderr

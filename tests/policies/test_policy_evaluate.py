@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import pytest
 
@@ -189,6 +190,8 @@ rules:
      action: steer, steer: {latents: detector}}
   - {id: b-allow, detector: bias, scope: prompt, aggregation: mean, threshold: 0.2, action: allow}
   - {id: b-tenant, detector: bias, threshold: 0.5, action: block, tenants: [acme]}
+  - {id: s-det, detector: scam, aggregation: detector, threshold: calibrated, action: flag, min_tokens: 4}
+  - {id: d-min, detector: deception, aggregation: mean, threshold: 0.3, action: log, min_tokens: 6}
 """,
     "stream.yaml",
 )
@@ -202,7 +205,10 @@ def _replay(seed: int, tenant: str | None) -> int:
     # Sometimes a calibrated threshold is missing: both sides must fail closed the same way.
     thresholds = {"scam": 0.9} if seed % 5 == 0 else {"scam": 0.9, "bias": 0.4}
     clamps = {"bias": {1: 0.0, 5: 2.0}}
-    state = PolicyState(STREAM, tenant=tenant, thresholds=thresholds, clamps=clamps)
+    # Sometimes the detector's own aggregation is unknown: `aggregation: detector` rules fail closed.
+    aggs = {} if seed % 7 == 0 else {"scam": Aggregation(kind="mean")}
+    kw: dict[str, Any] = {"thresholds": thresholds, "clamps": clamps, "aggregations": aggs}
+    state = PolicyState(STREAM, tenant=tenant, **kw)
     seen: dict[tuple[str, str], list[float]] = {}
     errors: dict[tuple[str, str], str] = {}
     steps = 0
@@ -233,12 +239,17 @@ def _replay(seed: int, tenant: str | None) -> int:
                     for d in state.detectors
                     for s in phases
                 ]
-                want = evaluate(
-                    STREAM, fs, tenant=tenant, phase=state.phase, thresholds=thresholds, clamps=clamps
-                )
+                want = evaluate(STREAM, fs, tenant=tenant, phase=state.phase, final=False, **kw)
                 assert got == want, (seed, steps)
                 steps += 1
-    return steps
+    phases = ("prompt", "completion") if state.phase == "completion" else ("prompt",)
+    fs = [
+        Finding(d, s, tuple(seen.get((d, s), ())), error=errors.get((d, s)))
+        for d in state.detectors
+        for s in phases
+    ]
+    assert state.finish() == evaluate(STREAM, fs, tenant=tenant, phase=state.phase, final=True, **kw)
+    return steps + 1
 
 
 def test_policy_state_equals_evaluate_on_every_prefix() -> None:
@@ -262,3 +273,60 @@ def test_policy_state_verdicts_are_values() -> None:
     p: Policy = STREAM
     a, b = PolicyState(p), PolicyState(p)
     assert a.verdict == b.verdict and hash(a.verdict) == hash(b.verdict)
+
+
+def test_steer_clamps_can_come_from_another_detector() -> None:
+    from policies.evaluate import Finding, evaluate
+    from policies.loader import parse_policy
+
+    text = (
+        "name: p\nrules:\n  - id: s\n    detector: probe\n    threshold: 0.5\n    action: steer\n"
+        "    steer: {latents: detector, detector: twin}\n"
+    )
+    policy = parse_policy(text, known_detectors={"probe", "twin"})
+    assert policy.steer_sources == ["twin"]
+    findings = [Finding("probe", "completion", scores=(0.9,))]
+    v = evaluate(policy, findings, clamps={"probe": {}, "twin": {7: 0.0}})
+    assert v.action == "steer" and dict(v.steer) == {7: 0.0}
+    # The rule's own detector has no clamps: without the twin's, the rule fails closed.
+    assert evaluate(policy, findings, clamps={"probe": {1: 0.0}}).action == "block"
+
+
+def test_steer_detector_is_checked_against_known_detectors() -> None:
+    from policies.loader import check_policy_text
+
+    text = (
+        "name: p\nrules:\n  - id: s\n    detector: probe\n    threshold: 0.5\n    action: steer\n"
+        "    steer: {latents: detector, detector: twn}\n"
+    )
+    issues = check_policy_text(text, "p.yaml", {"probe", "twin"})
+    assert [str(i) for i in issues] == [
+        "p.yaml:7: rules[0].steer.detector: unknown detector 'twn' (valid: probe, twin)"
+    ]
+    fixed = text.replace("detector: twn}", "detector: twin}").replace(
+        "latents: detector,", "latents: {1: 0},"
+    )
+    assert "use it with `latents: detector`" in str(check_policy_text(fixed, "p.yaml", {"probe", "twin"}))
+
+
+def test_min_tokens_waits_mid_stream_but_not_at_the_end() -> None:
+    policy = parse_policy(
+        "name: p\nrules:\n  - {id: m, detector: scam, aggregation: mean, threshold: 0.5, action: block,"
+        " min_tokens: 3}\n"
+    )
+    state = PolicyState(policy)
+    assert state.update("scam", "completion", 0.9).action == "allow"  # 1 token: too few to judge
+    assert state.finish().action == "block"  # the message ended: judged on what there is
+    one = [Finding("scam", "completion", (0.9,))]
+    assert evaluate(policy, one, final=False).action == "allow" and evaluate(policy, one).action == "block"
+
+
+def test_detector_aggregation_resolves_to_the_spec() -> None:
+    policy = parse_policy(
+        "name: p\nrules:\n  - {id: d, detector: scam, aggregation: detector, threshold: 0.5, action: flag}\n"
+    )
+    f = [Finding("scam", "completion", (0.9, 0.1, 0.1))]
+    assert evaluate(policy, f, aggregations={"scam": Aggregation(kind="max")}).action == "flag"
+    assert evaluate(policy, f, aggregations={"scam": Aggregation(kind="mean")}).action == "allow"
+    failed = evaluate(policy, f)  # unknown: fails closed
+    assert failed.action == "block" and "no aggregation known" in str(failed.fired[0].error)

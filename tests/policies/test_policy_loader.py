@@ -15,7 +15,7 @@ from policies import (
     parse_policy,
 )
 
-KNOWN = {"scam", "deception", "bias"}
+KNOWN = {"scam", "deception", "bias", "bias_sae"}
 
 GOOD = """\
 name: test
@@ -120,7 +120,7 @@ def test_every_error_reported_with_its_line() -> None:
         f"bad.yaml:{n}: rules[0].action: unknown action 'blok' (valid: allow, log, flag, steer, block)"
         in text
     )
-    assert "unknown detector 'scamm' (valid: bias, deception, scam)" in text
+    assert "unknown detector 'scamm' (valid: bias, bias_sae, deception, scam)" in text
     first = BAD.splitlines().index("  - id: a") + 1
     assert f"duplicate rule id 'a' (first at line {first})" in text
     assert "unknown field 'colour' (valid: name, version, description, defaults, rules)" in text
@@ -191,7 +191,7 @@ def test_issue_format() -> None:
 def test_default_policy_loads() -> None:
     policy = load_policy(DEFAULT_POLICY_PATH, KNOWN)
     assert policy.name == "default" and policy.defaults.action_on_detector_error == "block"
-    assert set(policy.detectors) == KNOWN
+    assert set(policy.detectors) == KNOWN - {"bias_sae"} and policy.steer_sources == ["bias_sae"]
     actions = {r.id: r.action for r in policy.rules}
     assert actions["scam-completion-block"] == "block" and actions["bias-steer"] == "steer"
     assert {"log", "flag"} <= set(actions.values())

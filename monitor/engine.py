@@ -1,0 +1,343 @@
+"""The engine: one worker thread owns the model and runs every forward pass (generation and scoring).
+
+Why one thread: the SAE and capture hooks are registered on the model's modules, so two passes at once
+would read each other's activations. Requests wait in a bounded queue (full -> `QueueFull`, the server's
+429); the worker takes the first waiting generation and, for up to `batch_wait_s`, gathers more (up to
+`max_batch`) into one batch that shares every forward pass. Each row keeps its own sampling, stop, steering
+clamps and monitor. A batch runs to its end; requests arriving meanwhile form the next batch.
+
+Per token, before it is emitted: the row's monitor scores it; a block verdict withholds it and ends the row
+with `content_filter`; a steer verdict sets the row's clamps from the next pass on. With `hold_back` > 0 the
+last tokens are kept back from the client, so a rule that needs a few tokens to fire (sustained over n)
+withholds all of them; a block drops them (the cost: `hold_back` tokens of extra latency).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from monitor.generate import Decision, Generator, PromptFeatures, SamplingParams, SequenceResult, TokenEvent
+from monitor.monitoring import DetectorSet, RequestMonitor
+from sae_assets.hooks import Steering
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """No room in the request queue; retry later."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is shutting down and takes no new work."""
+
+
+# ---- what flows back to the request --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Chunk:
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    result: JobResult
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: str
+
+
+class Channel:
+    """Engine thread -> asyncio: items are delivered on the request's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[Chunk | Done | Failed] = asyncio.Queue()
+
+    def put(self, item: Chunk | Done | Failed) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    async def get(self) -> Chunk | Done | Failed:
+        return await self.queue.get()
+
+
+@dataclass
+class JobResult:
+    finish_reason: str  # stop | length | content_filter | cancelled | timeout
+    text: str  # what was sent to the client
+    prompt_tokens: int
+    completion_tokens: int  # tokens whose text was sent
+    monitor: RequestMonitor | None
+    queued_s: float
+    first_token_s: float | None  # from submission to the first emitted text
+    total_s: float
+    batch_size: int
+
+
+@dataclass
+class GenerationJob:
+    prompt_ids: list[int]
+    params: SamplingParams
+    channel: Channel
+    monitor: RequestMonitor | None = None
+    hold_back: int = 0
+    deadline: float | None = None  # time.monotonic() after which the job stops with `timeout`
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
+    # filled by the engine
+    _held: deque[str] = field(default_factory=deque, init=False)
+    _sent: list[str] = field(default_factory=list, init=False)
+    _first: float | None = field(default=None, init=False)
+    _stopped: str | None = field(default=None, init=False)  # cancelled | timeout: the engine ended it
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def push(self, text: str) -> None:
+        self._held.append(text)
+        while len(self._held) > self.hold_back:
+            self._send(self._held.popleft())
+
+    def flush(self, drop: bool) -> None:
+        while self._held:
+            piece = self._held.popleft()
+            if not drop:
+                self._send(piece)
+
+    def _send(self, piece: str) -> None:
+        self._sent.append(piece)
+        if piece:
+            if self._first is None:
+                self._first = time.monotonic()
+            self.channel.put(Chunk(piece))
+
+
+@dataclass
+class CallJob:
+    """Any function that needs the model (e.g. shadow scoring); its return value resolves `future`."""
+
+    fn: Callable[[], Any]
+    future: Future[Any] = field(default_factory=Future)
+
+
+Job = GenerationJob | CallJob
+
+
+class Engine:
+    def __init__(
+        self,
+        generator: Generator,
+        dset: DetectorSet | None,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        batch_wait_s: float = 0.005,
+        special_ids: set[int] | None = None,
+    ) -> None:
+        self.gen, self.dset = generator, dset
+        self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
+        self.special = set(special_ids or ())
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self._deferred: deque[Job] = deque()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.busy = False
+        self.batches = 0  # counters for /metrics and tests
+        self.batched_rows = 0
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="featurewatch-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the running batch (bounded by `timeout`), fail everything still queued, stop."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for job in [*self._deferred, *self._drain()]:
+            self._fail(job, "the server is shutting down")
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize() + len(self._deferred)
+
+    def submit(self, job: Job) -> None:
+        if self._stop.is_set():
+            raise EngineStopped("the server is shutting down")
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"{self._queue.maxsize} requests are already waiting") from None
+
+    # ---- worker -----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            job = self._next(timeout=0.1)
+            if job is None:
+                continue
+            self.busy = True
+            try:
+                if isinstance(job, CallJob):
+                    self._run_call(job)
+                else:
+                    self._run_batch(self._gather(job))
+            finally:
+                self.busy = False
+
+    def _next(self, timeout: float) -> Job | None:
+        if self._deferred:
+            return self._deferred.popleft()
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _drain(self) -> list[Job]:
+        jobs = []
+        while True:
+            try:
+                jobs.append(self._queue.get_nowait())
+            except queue.Empty:
+                return jobs
+
+    def _gather(self, first: GenerationJob) -> list[GenerationJob]:
+        batch = [first]
+        until = time.monotonic() + self.batch_wait_s
+        while len(batch) < self.max_batch:
+            left = until - time.monotonic()
+            try:
+                job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(job, CallJob):
+                self._deferred.append(job)  # runs right after this batch
+            elif job.cancelled.is_set():
+                self._finish_unstarted(job, "cancelled")
+            else:
+                batch.append(job)
+        return batch
+
+    def _run_call(self, job: CallJob) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return
+        try:
+            job.future.set_result(job.fn())
+        except Exception as e:
+            job.future.set_exception(e)
+
+    def _run_batch(self, batch: list[GenerationJob]) -> None:
+        started = time.monotonic()
+        self.batches += 1
+        self.batched_rows += len(batch)
+        results: list[SequenceResult] = []
+        try:
+            self._generate(batch, results)
+        except Exception as e:  # e.g. out of memory: fail this batch, keep serving
+            log.exception("generation batch of %d failed", len(batch))
+            for job in batch:
+                self._fail(job, f"generation failed: {type(e).__name__}: {e}")
+            return
+        for job, res in zip(batch, results, strict=True):
+            self._finish(job, res, started, len(batch))
+
+    def _generate(self, batch: list[GenerationJob], results: list[SequenceResult]) -> None:
+        dset, sae = self.dset, self.gen.sae
+        steering = Steering(sae) if sae is not None and dset is not None else None
+        monitored = dset is not None and any(j.monitor is not None for j in batch)
+
+        def on_prompt(row: int, feats: PromptFeatures) -> Decision | None:
+            job = batch[row]
+            if self._interrupted(job):
+                return "stop"
+            if job.monitor is None:
+                return None
+            v = job.monitor.observe_prompt(feats.token_ids, feats.latents, feats.resid, self.special)
+            return "stop" if v.blocked else None
+
+        def on_token(ev: TokenEvent) -> Decision | None:
+            job = batch[ev.row]
+            if self._interrupted(job):
+                return "stop"
+            m = job.monitor
+            if m is None:
+                return None
+            v = m.observe_token(ev.index, ev.text, ev.latents, ev.resid)
+            if v.blocked:
+                return "stop"
+            wanted = dict(v.steer) if v.action == "steer" else {}
+            if steering is not None and wanted and steering.clamps.get(ev.row) != wanted:
+                steering.clamps[ev.row] = wanted
+                if m.steered_at is None:
+                    m.steered_at = ev.index + 1  # the clamps act from the next token on
+            return None
+
+        for ev in self.gen.stream(
+            [j.prompt_ids for j in batch],
+            [j.params for j in batch],
+            watch=dset.latent_ids if monitored and dset is not None else (),
+            steering=steering,
+            capture_points=dset.points if monitored and dset is not None else (),
+            on_token=on_token,
+            on_prompt=on_prompt if monitored else None,
+            results=results,
+        ):
+            batch[ev.row].push(ev.text)
+
+    def _interrupted(self, job: GenerationJob) -> bool:
+        if job.cancelled.is_set():
+            job._stopped = "cancelled"
+        elif job.deadline is not None and time.monotonic() > job.deadline:
+            job._stopped = "timeout"
+        return job._stopped is not None
+
+    def _finish(self, job: GenerationJob, res: SequenceResult, started: float, batch_size: int) -> None:
+        reason = job._stopped or res.finish_reason or "stop"
+        if job.monitor is not None and job.monitor.finish().blocked and reason != "content_filter":
+            # Judged on the whole message (a rule that waited for min_tokens): what is still held back
+            # is withheld, so a short blocked message never reaches the client at all.
+            reason = "content_filter"
+            if job.monitor.blocked_at is None:
+                job.monitor.blocked_at = len(job.monitor.tokens)
+        job.flush(drop=reason == "content_filter")  # held-back tokens that led up to a block: never sent
+        now = time.monotonic()
+        job.channel.put(
+            Done(
+                JobResult(
+                    finish_reason=reason,
+                    text="".join(job._sent),
+                    prompt_tokens=res.prompt_tokens,
+                    completion_tokens=len(job._sent),
+                    monitor=job.monitor,
+                    queued_s=started - job.submitted,
+                    first_token_s=None if job._first is None else job._first - job.submitted,
+                    total_s=now - job.submitted,
+                    batch_size=batch_size,
+                )
+            )
+        )
+
+    def _finish_unstarted(self, job: GenerationJob, reason: str) -> None:
+        now = time.monotonic()
+        result = JobResult(reason, "", len(job.prompt_ids), 0, job.monitor, now - job.submitted, None, 0.0, 0)
+        job.channel.put(Done(result))
+
+    def _fail(self, job: Job, error: str) -> None:
+        if isinstance(job, CallJob):
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(EngineStopped(error))
+        else:
+            job.channel.put(Failed(error))

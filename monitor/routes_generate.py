@@ -1,0 +1,260 @@
+"""POST /v1/chat/completions and /v1/completions: monitored generation, streamed (SSE) or not.
+
+Headers: `x-featurewatch-verdict` carries the verdict. A non-streamed response has the final one; a
+stream's headers leave before the completion exists, so there it is the prompt-phase verdict, and the
+final verdict is in the last chunk's `featurewatch` field. A block ends the output with
+`finish_reason: "content_filter"`, the policy message in `refusal` (chat) and no text from the token that
+triggered it (nor the held-back window before it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from monitor.api_models import ChatCompletionRequest, CompletionRequest
+from monitor.engine import Channel, Chunk, Done, EngineStopped, Failed, GenerationJob, JobResult, QueueFull
+from monitor.events import DecisionEvent, emit
+from monitor.generate import SamplingParams
+from monitor.http_errors import APIError, error_body
+from monitor.monitoring import RequestMonitor
+from monitor.openai_format import Call, chunk, data, final_chunk, full_body, usage
+from monitor.runtime import Runtime
+from monitor.tenancy import tenant_of
+
+router = APIRouter()
+VERDICT_HEADER = "x-featurewatch-verdict"
+DISCONNECT_POLL_S = 0.25
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    rt: Runtime = request.app.state.runtime
+    tenant = tenant_of(request)
+    _check_model(rt, body.model)
+    try:
+        ids = rt.lm.chat_ids(body.chat())
+    except Exception as e:  # chat templates raise their own errors (role order, jinja)
+        raise APIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
+    call = _start(rt, request, "chat", tenant, body.chat(), ids, body)
+    return await _respond(rt, request, call)
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    rt: Runtime = request.app.state.runtime
+    tenant = tenant_of(request)
+    _check_model(rt, body.model)
+    ids = rt.lm.tokenizer(body.text(), add_special_tokens=True)["input_ids"]
+    if not ids:
+        raise APIError(400, "prompt: must not be empty", param="prompt")
+    call = _start(rt, request, "text", tenant, [{"role": "user", "content": body.text()}], ids, body)
+    return await _respond(rt, request, call)
+
+
+# ---- request set-up ---------------------------------------------------------------------------------
+def _check_model(rt: Runtime, model: str) -> None:
+    if model != rt.settings.model_name:
+        raise APIError(
+            404,
+            f"model {model!r} does not exist; this server serves {rt.settings.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _start(
+    rt: Runtime,
+    request: Request,
+    kind: str,
+    tenant: str | None,
+    messages: list[dict[str, str]],
+    ids: list[int],
+    body: ChatCompletionRequest | CompletionRequest,
+) -> Call:
+    s = rt.settings
+    if len(ids) > rt.max_prompt_tokens:
+        raise APIError(
+            400,
+            f"the prompt has {len(ids)} tokens, over the limit of {rt.max_prompt_tokens}",
+            param="messages" if kind == "chat" else "prompt",
+            code="context_length_exceeded",
+        )
+    budget = body.token_budget() or s.default_max_tokens
+    if budget > s.max_tokens_limit:
+        raise APIError(
+            400, f"max_tokens: {budget} is over the limit of {s.max_tokens_limit}", param="max_tokens"
+        )
+    params = SamplingParams(
+        max_tokens=budget,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=body.stop_list(),
+        seed=body.seed,
+    )
+    route = request.url.path
+    policy = rt.policy  # pinned for the whole request, even if a reload lands meanwhile
+    monitor = (
+        RequestMonitor(rt.dset, policy, tenant, route, evidence_k=s.evidence_top_k) if s.monitoring else None
+    )
+    job = GenerationJob(
+        list(ids),
+        params,
+        Channel(asyncio.get_running_loop()),
+        monitor,
+        hold_back=rt.hold_back(policy) if monitor is not None else 0,
+        deadline=time.monotonic() + s.request_timeout_s,
+    )
+    try:
+        rt.engine.submit(job)
+    except QueueFull as e:
+        raise APIError(
+            429,
+            f"server busy: {e}; retry later",
+            code="queue_full",
+            headers={"Retry-After": str(s.retry_after_s)},
+        ) from None
+    except EngineStopped as e:
+        raise APIError(503, str(e)) from None
+    prefix = "chatcmpl" if kind == "chat" else "cmpl"
+    return Call(
+        kind,
+        route,
+        f"{prefix}-{uuid.uuid4().hex[:24]}",
+        int(time.time()),
+        s.model_name,
+        tenant,
+        messages,
+        job,
+        body.stream,
+        body.include_usage,
+    )
+
+
+# ---- responses ------------------------------------------------------------------------------------------
+async def _respond(rt: Runtime, request: Request, call: Call) -> Any:
+    if call.stream:
+        first = await _next_item(call, request)
+        if first is None:
+            _record_later(rt, request, call)
+            return JSONResponse(error_body(499, "client closed the request"), 499)
+        mon = call.job.monitor
+        pv = mon.prompt_verdict.action if mon is not None and mon.prompt_verdict is not None else "allow"
+        headers = {VERDICT_HEADER: pv, "cache-control": "no-cache"}
+        return StreamingResponse(
+            _sse(rt, request, call, first), media_type="text/event-stream", headers=headers
+        )
+    text: list[str] = []
+    while True:
+        item = await _next_item(call, request)
+        if item is None:
+            _record_later(rt, request, call)
+            return JSONResponse(error_body(499, "client closed the request"), 499)
+        if isinstance(item, Failed):
+            raise APIError(500, item.error)
+        if isinstance(item, Chunk):
+            text.append(item.text)
+            continue
+        res = item.result
+        _record(rt, request, call, res)
+        if res.finish_reason == "timeout":
+            raise APIError(504, f"generation took longer than {rt.settings.request_timeout_s} s")
+        body = full_body(call, res)
+        return JSONResponse(body, headers={VERDICT_HEADER: body["featurewatch"]["verdict"]})
+
+
+async def _next_item(call: Call, request: Request) -> Chunk | Done | Failed | None:
+    """The next item from the engine; None (and the job cancelled) once the client has gone."""
+    while True:
+        try:
+            return await asyncio.wait_for(call.job.channel.get(), DISCONNECT_POLL_S)
+        except TimeoutError:
+            if await request.is_disconnected():
+                call.job.cancel()
+                return None
+
+
+async def _sse(rt: Runtime, request: Request, call: Call, first: Chunk | Done | Failed) -> AsyncIterator[str]:
+    item: Chunk | Done | Failed | None = first
+    done = False
+    try:
+        yield data(chunk(call, {"role": "assistant", "content": ""} if call.kind == "chat" else {"text": ""}))
+        while item is not None:
+            if isinstance(item, Failed):
+                yield data(error_body(500, item.error))
+                break
+            if isinstance(item, Chunk):
+                delta = {"content": item.text} if call.kind == "chat" else {"text": item.text}
+                yield data(chunk(call, delta))
+                item = await call.job.channel.get()
+                continue
+            res = item.result
+            done = True
+            _record(rt, request, call, res)
+            if res.finish_reason == "timeout":
+                yield data(error_body(504, f"generation took longer than {rt.settings.request_timeout_s} s"))
+                break
+            yield data(final_chunk(call, res))
+            if call.include_usage:
+                yield data({**chunk(call, None), "choices": [], "usage": usage(res)})
+            break
+        yield "data: [DONE]\n\n"
+    finally:
+        if not done and not isinstance(item, Failed):
+            call.job.cancel()  # the client went away mid-stream: stop generating for it
+            _record_later(rt, request, call)
+
+
+def _record_later(rt: Runtime, request: Request, call: Call) -> None:
+    """The client is gone but the decision must still be recorded: wait for the engine's result."""
+
+    async def drain() -> None:
+        while True:
+            item = await call.job.channel.get()
+            if isinstance(item, Done):
+                _record(rt, request, call, item.result)
+                return
+            if isinstance(item, Failed):
+                return
+
+    task = asyncio.get_running_loop().create_task(drain())
+    _pending.add(task)  # keep a reference until it ends (the loop holds tasks only weakly)
+    task.add_done_callback(_pending.discard)
+
+
+_pending: set[asyncio.Task[None]] = set()
+
+
+def _record(rt: Runtime, request: Request, call: Call, res: JobResult) -> None:
+    """Hand the decision to the sinks (audit trail, traces): every monitored request, whatever its verdict."""
+    mon = res.monitor
+    if mon is None:
+        return
+    summary = mon.summary()
+    ev = DecisionEvent(
+        request_id=call.request_id,
+        route=call.route,
+        tenant=call.tenant,
+        model=call.model,
+        created=call.created,
+        finish_reason=res.finish_reason,
+        verdict=summary["verdict"],
+        summary=summary,
+        evidence=mon.evidence(),
+        messages=call.messages,
+        completion=res.text,
+        usage=usage(res),
+        timings={
+            "queued_s": res.queued_s,
+            "first_token_s": res.first_token_s,
+            "total_s": res.total_s,
+            "batch_size": float(res.batch_size),
+        },
+    )
+    emit(request.app.state.sinks, ev)

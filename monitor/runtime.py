@@ -1,0 +1,200 @@
+"""Everything a running sidecar holds, loaded once and checked before the first request (fail fast).
+
+Start-up refuses to serve, with a message naming the setting at fault, when the model or SAE cannot be
+loaded, the SAE does not fit the model (width, hook layer), a detector is unknown or broken (the valid
+names are listed), or the policy is invalid or asks to steer with a detector that cannot steer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from detectors.aggregate import Aggregation
+from detectors.base import Detector
+from monitor.engine import Engine
+from monitor.generate import Generator
+from monitor.monitoring import DetectorSet
+from monitor.settings import Settings
+from policies.loader import PolicyError, PolicyIssue
+from policies.reload import PolicyHolder, PolicyWatcher
+from policies.schema import Policy, format_aggregation
+
+log = logging.getLogger(__name__)
+HOLD_BACK_CAP = 8  # tokens: beyond this the added latency outweighs withholding a long trigger
+
+
+class StartupError(RuntimeError):
+    """The sidecar cannot start; the message says which setting and why."""
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    lm: Any  # monitor.model.LoadedModel
+    sae: Any  # sae_assets.sae.SAE or None when monitoring is off
+    sae_folder: Path
+    dset: DetectorSet
+    holder: PolicyHolder
+    engine: Engine
+    max_prompt_tokens: int
+    watcher: PolicyWatcher | None = None
+
+    @property
+    def policy(self) -> Policy:
+        return self.holder.policy
+
+    def hold_back(self, policy: Policy) -> int:
+        if self.settings.hold_back_tokens is not None:
+            return self.settings.hold_back_tokens
+        return derived_hold_back(policy)
+
+    def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.engine.stop()
+
+
+def derived_hold_back(policy: Policy) -> int:
+    """Tokens a block rule may need before it can fire: min_tokens-1, n-1 for sustained(n), count-1 for
+    count_over (capped: the latency cost is this many tokens)."""
+    need = 0
+    for rule in policy.rules:
+        if not rule.enabled or rule.action != "block" or rule.scope == "prompt":
+            continue
+        need = max(need, rule.min_tokens - 1)
+        agg = rule.aggregation
+        if not isinstance(agg, Aggregation):
+            continue
+        if agg.kind == "sustained" and agg.n:
+            need = max(need, agg.n - 1)
+        elif agg.kind == "count_over" and isinstance(rule.threshold, float):
+            need = max(need, int(rule.threshold) - 1)
+    return min(need, HOLD_BACK_CAP)
+
+
+def policy_issues(dset: DetectorSet) -> Any:
+    """A policy validator for what only the loaded detectors know: every `steer: {latents: detector}`
+    source can steer, and a `calibrated` threshold is used with the aggregation it was calibrated for."""
+
+    def check(policy: Policy, source: str) -> list[PolicyIssue]:
+        issues = []
+        for i, rule in enumerate(policy.rules):
+            own = dset.aggregations.get(rule.detector)
+            agg = rule.aggregation
+            if (
+                rule.threshold == "calibrated"
+                and isinstance(agg, Aggregation)
+                and own is not None
+                and agg != own
+            ):
+                issues.append(
+                    PolicyIssue(
+                        source,
+                        None,
+                        f"rules[{i}].aggregation",
+                        f"the calibrated threshold of {rule.detector!r} is for {format_aggregation(own)}; "
+                        "use `aggregation: detector` or a numeric threshold",
+                    )
+                )
+        for src in policy.steer_sources:
+            if src not in dset.detectors:
+                issues.append(PolicyIssue(source, None, "rules", f"steer source {src!r} is not loaded"))
+            elif not dset.clamps.get(src):
+                kind = dset.detectors[src].spec.kind
+                issues.append(
+                    PolicyIssue(
+                        source,
+                        None,
+                        "rules",
+                        f"detector {src!r} ({kind}) cannot steer (no latents to clamp); name an "
+                        "sae_features detector with `steer: {latents: detector, detector: NAME}`",
+                    )
+                )
+        return issues
+
+    return check
+
+
+def load_runtime(settings: Settings) -> Runtime:
+    from detectors.build import shipped_detectors
+    from detectors.errors import DetectorError
+    from detectors.registry import available_detectors, load_detectors
+    from monitor.model import ModelLoadError, load_model
+    from sae_assets.hooks import layer_index
+    from sae_assets.registry import resolve_sae_path
+    from sae_assets.sae import SAE, SAEFormatError
+
+    try:
+        folder = resolve_sae_path(settings.sae)
+        sae = SAE.load(folder)
+    except (FileNotFoundError, SAEFormatError) as e:
+        raise StartupError(f"sae: {e}") from None
+    try:
+        lm = load_model(
+            settings.model, device=settings.device, dtype=settings.dtype, root=settings.resolved_data_dir()
+        )
+    except ModelLoadError as e:
+        raise StartupError(f"model: {e}") from None
+    if sae.d_in != lm.hidden_size:
+        raise StartupError(
+            f"sae: {settings.sae!r} reads width {sae.d_in} but model {settings.model!r} has hidden size "
+            f"{lm.hidden_size}"
+        )
+    point = str(sae.cfg.metadata.extra.get("hf_hook_point") or sae.cfg.metadata.hook_name)
+    layer = layer_index(point)
+    if layer is not None and not 0 <= layer < lm.n_layers:
+        raise StartupError(f"sae: hook point {point} is out of range for a {lm.n_layers}-layer model")
+    sae = sae.to(lm.device)
+
+    det_dir = folder / "detectors"
+    valid = available_detectors(det_dir) if det_dir.is_dir() else []
+    try:
+        report = settings.detectors if settings.detectors is not None else shipped_detectors(det_dir)
+    except DetectorError as e:
+        raise StartupError(f"detectors: {e}") from None
+    unknown = [n for n in report if n not in valid]
+    if unknown:
+        raise StartupError(
+            f"detectors: unknown detector(s) {', '.join(unknown)}; valid: {', '.join(valid) or 'none'}"
+        )
+    try:  # every spec, so a reloaded policy may use any of them; a broken one stops start-up
+        dets: dict[str, Detector] = load_detectors(valid, det_dir, sae, model=lm.model)
+    except DetectorError as e:
+        raise StartupError(f"detectors: {e}") from None
+    dset = DetectorSet.build(dets, report, _labels(folder))
+
+    try:
+        holder = PolicyHolder(settings.policy_path(), set(valid), validate=policy_issues(dset))
+    except PolicyError as e:
+        raise StartupError("policy: " + "; ".join(str(i) for i in e.issues)) from None
+
+    monitor_sae = sae if settings.monitoring else None
+    gen = Generator(lm.model, lm.tokenizer, monitor_sae)
+    engine = Engine(
+        gen,
+        dset if settings.monitoring else None,
+        max_batch=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        batch_wait_s=settings.batch_wait_ms / 1000.0,
+        special_ids=set(lm.tokenizer.all_special_ids),
+    )
+    ctx = getattr(lm.model.config, "max_position_embeddings", None)
+    max_prompt = min(settings.max_prompt_tokens, int(ctx)) if ctx else settings.max_prompt_tokens
+    rt = Runtime(settings, lm, monitor_sae, folder, dset, holder, engine, max_prompt)
+    engine.start()
+    if settings.policy_poll_s > 0:
+        rt.watcher = holder.watch(settings.policy_poll_s)
+    return rt
+
+
+def _labels(folder: Path) -> Any:
+    from sae_assets.dashboards import Dashboards, DashboardsError
+
+    try:
+        dash = Dashboards.load(folder)
+    except DashboardsError:
+        return None
+    return lambda i: dash.label(i)[0]

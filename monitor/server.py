@@ -1,0 +1,155 @@
+"""The sidecar's HTTP app: OpenAI-compatible inference with per-token monitoring (FastAPI).
+
+Routes: POST /v1/chat/completions, POST /v1/completions (streaming and not), GET /v1/models,
+POST /v1/monitor/score (shadow mode), GET /healthz (process up), GET /readyz (model loaded, engine alive).
+The generation and scoring routes live in monitor.routes_generate and monitor.routes_score.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from monitor.events import Sink, log_sink
+from monitor.http_errors import error_body, install
+from monitor.runtime import Runtime, load_runtime
+from monitor.settings import Settings
+from monitor.tenancy import tenant_of
+
+log = logging.getLogger("featurewatch.server")
+
+
+class BodyLimit:
+    """413 for bodies over `limit` bytes: by Content-Length up front, else while the body streams in."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await self._reject(send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        resp = JSONResponse(error_body(413, f"request body over the limit of {self.limit} bytes"), 413)
+        await resp({"type": "http"}, _no_receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def create_app(
+    settings: Settings,
+    runtime: Runtime | None = None,
+    *,
+    sinks: list[Sink] | None = None,
+    loader: Callable[[Settings], Runtime] = load_runtime,
+    close_runtime: bool = False,
+) -> FastAPI:
+    """The app. `runtime` is loaded at start-up unless given (tests share one across apps); one the app
+    loaded, or one given with `close_runtime`, is closed at shutdown (the running batch finishes)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = runtime is None or close_runtime
+        rt = runtime if runtime is not None else loader(settings)
+        app.state.runtime = rt
+        app.state.ready = True
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            if owned:
+                rt.close()
+
+    app = FastAPI(title="featurewatch", version=_version(), lifespan=lifespan)
+    app.state.settings = settings
+    app.state.sinks = [log_sink] if sinks is None else list(sinks)
+    app.state.ready = False
+    install(app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"])
+
+    from monitor.routes_generate import router as generate_router
+    from monitor.routes_score import router as score_router
+
+    app.include_router(generate_router)
+    app.include_router(score_router)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        rt: Runtime | None = getattr(request.app.state, "runtime", None)
+        ok = bool(request.app.state.ready and rt is not None and rt.engine.alive)
+        body: dict[str, Any] = {"status": "ready" if ok else "not ready"}
+        if rt is not None:
+            body.update(queued=rt.engine.queued, policy=f"{rt.policy.name}@{rt.policy.version}")
+        return JSONResponse(body, 200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        tenant_of(request)
+        rt: Runtime = request.app.state.runtime
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": rt.settings.model_name,
+                    "object": "model",
+                    "created": int(app.state.started),
+                    "owned_by": "featurewatch",
+                }
+            ],
+        }
+
+    app.state.started = time.time()
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("featurewatch")
+    except PackageNotFoundError:
+        return "0"
+
+
+Handler = Callable[..., Awaitable[Any]]

@@ -1,0 +1,46 @@
+"""Fixture for the sidecar tests: a tiny SAE folder with deterministic detectors (see fw_testing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+
+@pytest.fixture(scope="session")
+def tiny_sae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from detectors.linear import LinearFit
+    from detectors.probe import save_probe
+    from sae_assets.sae import SAE, SAEConfig, SAEMetadata
+
+    folder = tmp_path_factory.mktemp("tiny-sae")
+    meta = SAEMetadata(hook_name="blocks.2.hook_resid_post", extra={"hf_hook_point": "model.layers.2"})
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(architecture="standard", d_in=32, d_sae=16, metadata=meta))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 1.0)
+        sae.W_dec.normal_(0, 1.0)
+    sae.save(folder)
+    dets = folder / "detectors"
+    dets.mkdir()
+
+    def sae_spec(name: str, bias: float) -> dict[str, Any]:
+        latents = [{"id": 3, "weight": 0.001, "label": "three"}, {"id": 9, "weight": 0.001, "label": "nine"}]
+        return {"name": name, "kind": "sae_features", "threshold": 0.5, "latents": latents, "bias": bias}
+
+    for name, bias in (("always", 10.0), ("never", -10.0)):
+        (dets / f"{name}.yaml").write_text(yaml.safe_dump(sae_spec(name, bias)))
+    fit = LinearFit(torch.zeros(32), torch.tensor(-10.0), torch.zeros(32), torch.ones(32))
+    save_probe(fit, dets / "resid.safetensors", hook_points=["model.layers.1"])
+    probe = {
+        "name": "resid",
+        "kind": "probe",
+        "threshold": 0.5,
+        "hook_points": ["model.layers.1"],
+        "weights_file": "resid.safetensors",
+    }
+    (dets / "resid.yaml").write_text(yaml.safe_dump(probe))
+    return folder
