@@ -3,6 +3,7 @@
 1. Monitoring overhead: the same model served twice in this process, monitoring on (shipped detectors,
    default policy) and off; requests alternate between the two so machine noise hits both alike.
    Reported as completion tokens/s and the on/off ratio, at 1 stream and at 8 concurrent streams.
+   Also the time to the first streamed text (monitoring on holds back the policy's window).
 2. Concurrency: aggregate completion tokens/s at 1/4/8/16 concurrent streams (monitoring on).
 3. Shadow scoring: /v1/monitor/score throughput (conversations/s, tokens/s).
 
@@ -85,6 +86,28 @@ def overhead(urls: dict[str, str], rounds: int, max_tokens: int) -> dict[str, An
     return out
 
 
+def ttft(urls: dict[str, str], rounds: int, max_tokens: int) -> dict[str, float]:
+    """Median time to the first streamed content, monitoring on (with the policy's hold-back) vs off."""
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    for _ in range(rounds):
+        for mode in ("on", "off"):
+            with openai.OpenAI(base_url=urls[mode], api_key="x", max_retries=0, timeout=600) as client:
+                t0 = time.perf_counter()
+                stream = client.chat.completions.create(
+                    model="smollm2-135m-instruct",
+                    messages=[{"role": "user", "content": PROMPTS[1]}],
+                    max_tokens=max_tokens,
+                    temperature=0,
+                    stream=True,
+                )
+                first = None
+                for c in stream:
+                    if first is None and c.choices and c.choices[0].delta.content:
+                        first = time.perf_counter() - t0
+                times[mode].append(first if first is not None else float("nan"))
+    return {f"{m}_s": statistics.median(v) for m, v in times.items()}
+
+
 def concurrency(url: str, max_tokens: int) -> dict[str, float]:
     return {str(n): _wave(url, n, max_tokens) for n in (1, 4, 8, 16)}
 
@@ -123,6 +146,8 @@ def main() -> None:
         _wave(urls["on"], 1, 8), _wave(urls["off"], 1, 8)  # warm-up
         results["overhead"] = overhead(urls, args.rounds, args.max_tokens)
         print(json.dumps(results["overhead"], indent=1), flush=True)
+        results["ttft"] = ttft(urls, args.rounds, args.max_tokens)
+        print(json.dumps(results["ttft"], indent=1), flush=True)
         results["concurrency_tok_s"] = concurrency(urls["on"], args.max_tokens)
         print(json.dumps(results["concurrency_tok_s"], indent=1), flush=True)
         results["scoring"] = scoring(urls["on"], 20)

@@ -81,6 +81,21 @@ class JobResult:
     first_token_s: float | None  # from submission to the first emitted text
     total_s: float
     batch_size: int
+    prefill_s: float | None = None  # from the batch's start to the end of its prefill pass
+    monitor_s: float = 0.0  # time this request's monitor spent scoring (detectors + policy)
+    policy_s: float = 0.0  # of which in policy evaluation
+
+    def timings(self) -> dict[str, float | None]:
+        """Seconds (and the batch size) for the decision event: spans and metrics are built from them."""
+        return {
+            "queued_s": self.queued_s,
+            "prefill_s": self.prefill_s,
+            "first_token_s": self.first_token_s,
+            "total_s": self.total_s,
+            "monitor_s": self.monitor_s,
+            "policy_s": self.policy_s,
+            "batch_size": float(self.batch_size),
+        }
 
 
 @dataclass
@@ -98,6 +113,7 @@ class GenerationJob:
     _sent: list[str] = field(default_factory=list, init=False)
     _first: float | None = field(default=None, init=False)
     _stopped: str | None = field(default=None, init=False)  # cancelled | timeout: the engine ended it
+    _prefilled: float | None = field(default=None, init=False)  # monotonic time the prefill pass ended
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -261,6 +277,7 @@ class Engine:
 
         def on_prompt(row: int, feats: PromptFeatures) -> Decision | None:
             job = batch[row]
+            job._prefilled = time.monotonic()
             if self._interrupted(job):
                 return "stop"
             if job.monitor is None:
@@ -326,6 +343,9 @@ class Engine:
                     first_token_s=None if job._first is None else job._first - job.submitted,
                     total_s=now - job.submitted,
                     batch_size=batch_size,
+                    prefill_s=None if job._prefilled is None else job._prefilled - started,
+                    monitor_s=job.monitor.seconds if job.monitor is not None else 0.0,
+                    policy_s=job.monitor.policy_seconds if job.monitor is not None else 0.0,
                 )
             )
         )

@@ -30,6 +30,8 @@ class DecisionEvent:
     completion: str  # what was sent to the client (content)
     usage: dict[str, int]
     timings: dict[str, float | None] = field(default_factory=dict)
+    # model/SAE/policy names and sha256 digests (monitor.versions): which artefacts made the decision
+    versions: dict[str, str] = field(default_factory=dict)
 
 
 Sink = Callable[[DecisionEvent], None]

@@ -12,6 +12,7 @@ position 0 are skipped, because their residuals are attention-sink outliers the 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 
 from detectors.aggregate import Aggregation, RunningAggregate, aggregate
 from detectors.base import Detector, TokenFeatures
-from policies.evaluate import PolicyState, Verdict
+from policies.evaluate import Phase, PolicyState, Verdict
 from policies.schema import Policy
 
 Labels = Callable[[int], str]
@@ -112,6 +113,8 @@ class RequestMonitor:
     prompt_values: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     tokens: list[TokenEvidence] = field(default_factory=list)
+    seconds: float = 0.0  # wall time spent in observe_* (detectors + policy), for the overhead metric
+    policy_seconds: float = 0.0  # of which in policy evaluation
     steered_at: int | None = None  # first completion token generated under steering clamps
     blocked_at: int | None = None  # index of the completion token that was withheld
 
@@ -136,6 +139,19 @@ class RequestMonitor:
     ) -> Verdict:
         """Score the prompt (T tokens; latents (T, n_watched), resid {point: (T, d_in)}) and return the
         prompt-phase verdict (prompt and scope-both rules)."""
+        t0 = time.perf_counter()
+        try:
+            return self._observe_prompt(token_ids, latents, resid, special)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _observe_prompt(
+        self,
+        token_ids: list[int],
+        latents: torch.Tensor,
+        resid: Mapping[str, torch.Tensor],
+        special: set[int],
+    ) -> Verdict:
         keep = [t for t, tok in enumerate(token_ids) if t > 0 and tok not in special]
         idx = torch.tensor(keep, dtype=torch.long)
         feats = self._features(
@@ -146,7 +162,7 @@ class RequestMonitor:
             if scores is None:
                 continue
             for s in scores:
-                self.state.update(name, "prompt", s)
+                self._update(name, "prompt", s)
             self.prompt_peaks[name] = max(scores, default=0.0)
             self.prompt_values[name] = aggregate(scores, self.dset.aggregations[name])
         self.prompt_verdict = self.state.verdict
@@ -156,6 +172,15 @@ class RequestMonitor:
         self, index: int, text: str, latents: torch.Tensor, resid: Mapping[str, torch.Tensor]
     ) -> Verdict:
         """Score one completion token (latents (n_watched,), resid {point: (d_in,)}) before it is emitted."""
+        t0 = time.perf_counter()
+        try:
+            return self._observe_token(index, text, latents, resid)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _observe_token(
+        self, index: int, text: str, latents: torch.Tensor, resid: Mapping[str, torch.Tensor]
+    ) -> Verdict:
         feats = self._features(latents[None], {p: r[None] for p, r in resid.items()})  # T = 1
         if not self.tokens:
             self.state.start_completion()
@@ -165,7 +190,7 @@ class RequestMonitor:
             if got is None:
                 continue
             scores[name] = got[0]
-            self.state.update(name, "completion", got[0])
+            self._update(name, "completion", got[0])
             self.peaks[name] = max(self.peaks.get(name, 0.0), got[0])
             if name not in self.values:
                 self.values[name] = RunningAggregate(self.dset.aggregations[name])
@@ -184,6 +209,11 @@ class RequestMonitor:
         return self.state.finish()
 
     # ---- internals ---------------------------------------------------------------------------------
+    def _update(self, name: str, scope: Phase, score: float) -> None:
+        t0 = time.perf_counter()
+        self.state.update(name, scope, score)
+        self.policy_seconds += time.perf_counter() - t0
+
     def _features(self, latents: torch.Tensor, resid: dict[str, torch.Tensor]) -> TokenFeatures:
         lat = latents if self.dset.latent_ids else None
         return TokenFeatures(resid=resid, latents=lat, latent_ids=list(self.dset.latent_ids))

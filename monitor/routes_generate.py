@@ -27,6 +27,7 @@ from monitor.monitoring import RequestMonitor
 from monitor.openai_format import Call, chunk, data, final_chunk, full_body, usage
 from monitor.runtime import Runtime
 from monitor.tenancy import tenant_of
+from monitor.versions import policy_versions
 
 router = APIRouter()
 VERDICT_HEADER = "x-featurewatch-verdict"
@@ -250,11 +251,7 @@ def _record(rt: Runtime, request: Request, call: Call, res: JobResult) -> None:
         messages=call.messages,
         completion=res.text,
         usage=usage(res),
-        timings={
-            "queued_s": res.queued_s,
-            "first_token_s": res.first_token_s,
-            "total_s": res.total_s,
-            "batch_size": float(res.batch_size),
-        },
+        timings=res.timings(),
+        versions={**rt.versions, **policy_versions(mon.policy)},
     )
     emit(request.app.state.sinks, ev)

@@ -8,7 +8,7 @@ names are listed), or the policy is invalid or asks to steer with a detector tha
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ class Runtime:
     engine: Engine
     max_prompt_tokens: int
     watcher: PolicyWatcher | None = None
+    versions: dict[str, str] = field(default_factory=dict)  # model/SAE names + digests, for audit records
 
     @property
     def policy(self) -> Policy:
@@ -184,10 +185,17 @@ def load_runtime(settings: Settings) -> Runtime:
     ctx = getattr(lm.model.config, "max_position_embeddings", None)
     max_prompt = min(settings.max_prompt_tokens, int(ctx)) if ctx else settings.max_prompt_tokens
     rt = Runtime(settings, lm, monitor_sae, folder, dset, holder, engine, max_prompt)
+    rt.versions = _versions(settings, lm, folder)
     engine.start()
     if settings.policy_poll_s > 0:
         rt.watcher = holder.watch(settings.policy_poll_s)
     return rt
+
+
+def _versions(settings: Settings, lm: Any, folder: Path) -> dict[str, str]:
+    from monitor.versions import model_versions
+
+    return model_versions(lm.name, lm.source, settings.sae, folder, settings.resolved_data_dir())
 
 
 def _labels(folder: Path) -> Any:

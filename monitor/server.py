@@ -14,11 +14,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from monitor.events import Sink, log_sink
-from monitor.http_errors import error_body, install
+from monitor.http_errors import APIError, error_body, install
 from monitor.runtime import Runtime, load_runtime
 from monitor.settings import Settings
 from monitor.tenancy import tenant_of
@@ -78,20 +78,35 @@ def create_app(
     close_runtime: bool = False,
 ) -> FastAPI:
     """The app. `runtime` is loaded at start-up unless given (tests share one across apps); one the app
-    loaded, or one given with `close_runtime`, is closed at shutdown (the running batch finishes)."""
+    loaded, or one given with `close_runtime`, is closed at shutdown (the running batch finishes).
+    Decision sinks: `sinks` when given, else the log sink and the audit store (`monitor.store`, opened at
+    start-up from the settings, closed at shutdown; `app.state.audit`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = runtime is None or close_runtime
         rt = runtime if runtime is not None else loader(settings)
         app.state.runtime = rt
+        audit = _open_audit(settings) if sinks is None else None  # given sinks (tests) replace it
+        if audit is not None:
+            app.state.sinks.append(audit)
+        app.state.audit = audit
+        tel, reader = _telemetry(settings) if sinks is None else (None, None)
+        if tel is not None:
+            app.state.sinks.append(tel.sink)
         app.state.ready = True
         try:
             yield
         finally:
             app.state.ready = False
-            if owned:
-                rt.close()
+            try:
+                if owned:
+                    rt.close()
+            finally:
+                if audit is not None:  # after the engine: the last decisions are written (or spooled)
+                    audit.close()  # stays a sink: a decision arriving later goes to the spool
+                if tel is not None:
+                    _close_telemetry(tel, reader)
 
     app = FastAPI(title="featurewatch", version=_version(), lifespan=lifespan)
     app.state.settings = settings
@@ -109,6 +124,16 @@ def create_app(
 
     app.include_router(generate_router)
     app.include_router(score_router)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text format: request duration, time to first token and per output token,
+        detections by detector and action, monitoring overhead (see monitor.otel_names)."""
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+        if not settings.metrics_enabled:
+            raise APIError(404, "metrics are off (FEATUREWATCH_METRICS_ENABLED=false)")
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -141,6 +166,26 @@ def create_app(
 
     app.state.started = time.time()
     return app
+
+
+def _open_audit(settings: Settings) -> Any:
+    from monitor.store import open_audit_store
+
+    return open_audit_store(settings)
+
+
+def _telemetry(settings: Settings) -> tuple[Any, Any]:
+    from monitor.telemetry import from_settings
+
+    return from_settings(settings)
+
+
+def _close_telemetry(tel: Any, reader: Any) -> None:
+    from monitor.telemetry import unregister_prometheus
+
+    tel.shutdown()
+    if reader is not None:
+        unregister_prometheus(reader)
 
 
 def _version() -> str:

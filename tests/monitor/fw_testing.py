@@ -56,6 +56,7 @@ def make_settings(tiny_model_dir: Path, tiny_sae_dir: Path, policy: Path, **kw: 
         "sae": str(tiny_sae_dir),
         "detectors": ["always", "never", "resid"],
         "policy": policy,
+        "data_dir": policy.parent / "data",  # never the user's ~/.cache
         "policy_poll_s": 0,
         "device": "cpu",
         "batch_wait_ms": 20,
