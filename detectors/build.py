@@ -54,8 +54,13 @@ class Variant:
         return {"pool": self.pool, "aggregation": self.agg, "C": self.C}
 
 
+# C = 0.001 was added when public training data came in: with ~1,000 records of 576–1,152 features the
+# layer sweep (bench/detector_layers.py) picked the smallest C of the old grid for most layers.
 VARIANTS = [
-    Variant("probe", p, a, c) for p in ("mean", "max") for a in ("mean", "max") for c in (0.01, 0.1, 1.0)
+    Variant("probe", p, a, c)
+    for p in ("mean", "max")
+    for a in ("mean", "max")
+    for c in (0.001, 0.01, 0.1, 1.0)
 ]
 VARIANTS += [Variant("sae_features", p, a) for p in ("max", "mean") for a in ("max", "mean")]
 
@@ -68,6 +73,7 @@ class Corpus:
     labels: Tensor  # (N,) long
     groups: list[str]
     pooled: dict[tuple[str, str, str], Tensor]  # (what, hook point, pool) -> (N, D)
+    weights: Tensor | None = None  # (N,) per-record probe training weights; None = all 1
 
     def rows(self, idx: Tensor, label: int) -> Tensor:
         return idx[self.labels[idx] == label]
@@ -156,7 +162,14 @@ class _Fitter:
         pos, neg = self.c.rows(idx, 1), self.c.rows(idx, 0)
         if v.kind == "probe":
             x = torch.cat([pooled_table(self.c, "resid", v.pool, p) for p in self.points], dim=1)
-            fit = train_probe(x[pos], x[neg], C=v.C)
+            w = self.c.weights
+            fit = train_probe(
+                x[pos],
+                x[neg],
+                C=v.C,
+                w_pos=None if w is None else w[pos],
+                w_neg=None if w is None else w[neg],
+            )
             probe = ProbeSpec(
                 name=name,
                 threshold=0.5,
@@ -231,8 +244,13 @@ def build_concept_detectors(
     max_tokens: int | None = None,
     batch_size: int = 8,
     progress: bool = False,
+    data: dict[str, Any] | None = None,
+    balance_sources: bool = False,
 ) -> BuildResult:
-    """Fit, calibrate, compare and write both kinds for `concept` (see the module doc)."""
+    """Fit, calibrate, compare and write both kinds for `concept` (see the module doc). `data` describes
+    the training records (detectors.datasets.TrainingData.as_dict) and is stored as eval.train.data, so
+    that evaluation can rebuild them for its baseline. `balance_sources` weights probe training records
+    so that every source (seed, each public suite) has the same total weight (source_weights)."""
     points = [hf_hook_point(p) for p in layers]
     capture = list(dict.fromkeys([*points, sae_hook_point(sae)]))
     kw: dict[str, Any] = {"batch_size": batch_size, "max_tokens": max_tokens, "progress": progress}
@@ -247,6 +265,9 @@ def build_concept_detectors(
         model, tokenizer, calib_ok, capture, default_label=0, desc=f"{concept} calib", **kw
     )
     test = extract_corpus(model, tokenizer, test_records, capture, desc=f"{concept} test", **kw)
+    sources = [_sources(r) for r in train_records]
+    if balance_sources:
+        train.weights = source_weights([srcs[0] for srcs in sources])
     fitter = _Fitter(train, points, sae, n_latents, labels)
     fold = assign_folds(train.groups, train.labels, folds)
     everything = torch.arange(len(train.feats))
@@ -270,7 +291,10 @@ def build_concept_detectors(
                 "n_neg": n_neg,
                 "folds": int(fold.max()) + 1,
                 "variant": best.as_dict(),
+                "balance_sources": balance_sources,
+                **({"data": data} if data is not None else {}),
             },
+            "auroc_oof_by_source": _by_source(tried[best], train.labels, sources),
             "variants_auroc_oof": {_vname(v): _r(a) for v, a in oof_auc.items()},
             "calibration": {
                 "n_neg_oof": len(neg_oof),
@@ -299,6 +323,32 @@ def build_concept_detectors(
     specs[concept] = type(primary).model_validate({**primary.model_dump(), "name": concept, "eval": ev})
     paths = [dump_spec(spec, out / f"{name}.yaml") for name, spec in specs.items()]
     return BuildResult(concept, selected, specs, paths)
+
+
+def source_weights(sources: Sequence[str]) -> Tensor:
+    """(N,) weights giving every source the same total weight, mean 1: with 1,000+ public records and
+    ~150 seed records the probe would otherwise fit the public data's style and neglect the seed data's
+    chat-format hard negatives (what the monitor actually reads)."""
+    count = Counter(sources)
+    w = torch.tensor([1.0 / count[s] for s in sources], dtype=torch.float64)
+    return w * (len(sources) / w.sum())
+
+
+def _sources(rec: dict[str, Any]) -> tuple[str, ...]:
+    """The public suites that drew a record (detectors.datasets.public_train_records), else seed/other."""
+    suites = rec.get("suites") or ([rec["suite"]] if rec.get("suite") else [])
+    return tuple(map(str, suites)) or ("seed" if "split" in rec else "other",)
+
+
+def _by_source(scores: Tensor, labels: Tensor, sources: Sequence[tuple[str, ...]]) -> dict[str, float | None]:
+    """Out-of-fold AUROC within each source of training records ("seed", a public suite's train part, or
+    "other": --train files): a pooled AUROC over mixed sources can hide a source it does not separate."""
+    out: dict[str, float | None] = {}
+    for src in dict.fromkeys(s for srcs in sources for s in srcs):
+        mask = torch.tensor([src in s for s in sources])
+        pos, neg = scores[mask & (labels == 1)], scores[mask & (labels == 0)]
+        out[src] = _r(auroc(pos, neg)) if len(pos) and len(neg) else None
+    return out
 
 
 def _vname(v: Variant) -> str:

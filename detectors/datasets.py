@@ -245,11 +245,13 @@ class EvalSuite:
     prompt: str | None = None  # chat prompt for plain texts; None: split Q/A texts, else DEFAULT_PROMPT
     note: str = ""
 
-    def load(self, *, max_n: int | None = None, chat: bool = True) -> list[dict[str, Any]]:
-        """The suite's records from the test split of its dataset."""
+    def load(
+        self, *, max_n: int | None = None, chat: bool = True, split: Split = "test"
+    ) -> list[dict[str, Any]]:
+        """The suite's records from one split of its dataset (the test split unless asked otherwise)."""
         n = self.max_n if max_n is None else min(max_n, self.max_n)
         recs = load_public(
-            self.dataset, split="test", where=self.where, max_n=n, chat=chat, prompt=self.prompt
+            self.dataset, split=split, where=self.where, max_n=n, chat=chat, prompt=self.prompt
         )
         return [{**r, "suite": self.name} for r in recs]
 
@@ -350,3 +352,72 @@ EVAL_SUITES: dict[str, list[EvalSuite]] = {
         ),
     ],
 }
+
+
+def public_train_records(
+    concept: str,
+    n_per_suite: int,
+    *,
+    suites: dict[str, list[EvalSuite]] | None = None,
+    only: Sequence[str] | None = None,
+    chat: bool = True,
+) -> list[dict[str, Any]]:
+    """Training records for `concept` from the public data: up to `n_per_suite` records (balanced,
+    deterministic: load_public's subsample) from the TRAIN split of each of the concept's eval suites
+    (`only`: just those whose names are listed). The split is the same per-file split the eval's test
+    suites use, so no record here is ever in a test suite. Suites sharing a dataset (e.g. the two
+    scam_emails slices share their ham) can pick the same record; it is kept once (first suite wins).
+    `suite` is that first suite, `suites` every suite that drew the record (seed records have neither,
+    so per-suite figures can count shared negatives in each suite). Missing files raise
+    DatasetError: training on fewer suites than asked would be silent drift."""
+    if n_per_suite <= 0:
+        return []
+    chosen = (suites if suites is not None else EVAL_SUITES).get(concept, [])
+    if only is not None:
+        chosen = [s for s in chosen if s.name in only]
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for suite in chosen:
+        for rec in suite.load(max_n=n_per_suite, chat=chat, split="train"):
+            kept = out.setdefault((suite.dataset, str(rec.get("id"))), {**rec, "suites": []})
+            kept["suites"].append(suite.name)
+    return list(out.values())
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What a detector was trained on, recorded in its spec (eval.train.data) so that `detectors eval` can
+    rebuild the same records for the TF-IDF baseline. `extra_files` (`--train` files) are named only."""
+
+    seed: bool = True
+    public_per_suite: int = 0
+    public_suites: tuple[str, ...] | None = None  # None: every eval suite of the concept
+    max_tokens: int | None = None
+    extra_files: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "public_per_suite": self.public_per_suite,
+            "public_suites": None if self.public_suites is None else list(self.public_suites),
+            "max_tokens": self.max_tokens,
+            "extra_files": list(self.extra_files),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> TrainingData:
+        """From a spec's eval.train.data; an older spec without it was trained on the seed split only."""
+        raw = raw or {}
+        suites = raw.get("public_suites")
+        return cls(
+            seed=bool(raw.get("seed", True)),
+            public_per_suite=int(raw.get("public_per_suite") or 0),
+            public_suites=None if suites is None else tuple(suites),
+            max_tokens=raw.get("max_tokens"),
+            extra_files=tuple(raw.get("extra_files") or ()),
+        )
+
+    def records(self, concept: str, *, sae: str | Path = DEFAULT_SAE) -> list[dict[str, Any]]:
+        """Seed train split (if used) + the public train records, in that order (not the extra files)."""
+        seed = load_seed(concept, "train", sae=sae) if self.seed else []
+        public = public_train_records(concept, self.public_per_suite, only=self.public_suites)
+        return seed + public

@@ -8,8 +8,11 @@ assistant turn, or the text). Per suite and detector:
   recall_at_fpr   recall at the threshold that gives `target_fpr` on this suite's own negatives (an
                   oracle threshold: what the scores could do here);
   f1, recall, fpr at the detector's calibrated threshold from its spec (what shipping it would do).
-Baseline: TfidfVectorizer(ngram 1-2, min_df 2) + LogisticRegression(balanced) trained on the seed train
-split; its threshold is calibrated like the detectors' (target FPR on out-of-fold training negatives).
+Baseline: TfidfVectorizer(ngram 1-2, min_df 2) + LogisticRegression(balanced) trained on the same records
+as the detectors: the shipped spec's eval.train.data (detectors.datasets.TrainingData: the seed train split
+and/or N public train records per suite, cut to the same max_tokens) is rebuilt here; a spec without it was
+trained on the seed train split alone. Its threshold is calibrated like the detectors' (target FPR on
+out-of-fold training negatives).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from detectors.datasets import (
     SEED_CONCEPTS,
     DatasetError,
     EvalSuite,
+    TrainingData,
     load_seed,
     monitored_text,
     truncate_records,
@@ -43,6 +47,7 @@ from sae_assets.registry import DEFAULT_SAE
 from sae_assets.sae import SAE
 
 BASELINE = "tfidf"
+TRAIN_ROW = "train"  # the suite name of the bookkeeping row that says what a concept was trained on
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class TfidfBaseline:
         if k < 2:
             raise DetectorError("the TF-IDF baseline needs ≥ 2 training texts of each label")
         cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=0)
+        self.n_pos, self.n_neg = int((y == 1).sum()), int((y == 0).sum())
         oof = cross_val_predict(pipe(), list(texts), y, cv=cv, method="predict_proba")[:, 1]
         self.threshold = threshold_for_fpr(oof[y == 0], target_fpr)
         self.model = pipe().fit(list(texts), y)
@@ -176,8 +182,8 @@ def evaluate_detectors(
     rows: list[EvalRow] = []
     for concept in concepts:
         dets, shipped = concept_detectors(detectors_dir, concept, sae, model)
-        train = load_seed(concept, "train", sae=seed_sae)
-        base = TfidfBaseline([monitored_text(r) for r in train], [int(r["label"]) for r in train], target_fpr)
+        base, data = baseline_for(concept, dets, shipped, tokenizer, seed_sae, target_fpr)
+        rows.append(_training_row(concept, data, base))
         scorer = Scorer(model, tokenizer, sae, dict(dets), top_k=0)
         todo: list[tuple[str, list[dict[str, Any]] | None, str]] = [
             ("seed-test", load_seed(concept, "test", sae=seed_sae), "our held-out split")
@@ -199,6 +205,46 @@ def evaluate_detectors(
                 )
             )
     return rows
+
+
+def training_data(dets: dict[str, Detector], shipped: str) -> TrainingData:
+    """What the concept's detectors were trained on: the shipped spec's record (else any kind's)."""
+    order = [shipped, *dets] if shipped else list(dets)
+    for kind in order:
+        raw = (dets[kind].spec.eval.get("train") or {}).get("data")
+        if raw is not None:
+            return TrainingData.from_dict(raw)
+    return TrainingData()  # specs from before eval.train.data: seed train split only
+
+
+def baseline_for(
+    concept: str,
+    dets: dict[str, Detector],
+    shipped: str,
+    tokenizer: Any,
+    seed_sae: str | Path,
+    target_fpr: float,
+) -> tuple[TfidfBaseline, TrainingData]:
+    """The TF-IDF baseline trained on the detectors' own training records (see the module doc)."""
+    data = training_data(dets, shipped)
+    train = data.records(concept, sae=seed_sae)
+    if data.max_tokens:
+        train = truncate_records(train, tokenizer, data.max_tokens)
+    texts, labels = [monitored_text(r) for r in train], [int(r["label"]) for r in train]
+    return TfidfBaseline(texts, labels, target_fpr), data
+
+
+def _training_row(concept: str, data: TrainingData, base: TfidfBaseline) -> EvalRow:
+    """A bookkeeping row (suite "train") saying what detectors and baseline were trained on."""
+    suites = "all suites" if data.public_suites is None else ", ".join(data.public_suites) or "none"
+    what = ("seed train split" if data.seed else "no seed data") + (
+        f" + {data.public_per_suite} public train records per suite ({suites})"
+        if data.public_per_suite
+        else ""
+    )
+    if data.extra_files:
+        what += f"; the detectors also saw {', '.join(data.extra_files)}, the baseline did not"
+    return EvalRow(concept, TRAIN_ROW, "-", False, base.n_pos, base.n_neg, None, None, None, None, None, what)
 
 
 def _suite_rows(
@@ -258,19 +304,20 @@ def render_markdown(
         "",
         f"AUROC is threshold-free. Recall@{pct}FPR uses the threshold that gives {pct} FPR on that suite's",
         "own negatives (an oracle). F1, recall and FPR @thr use each detector's calibrated threshold (what",
-        "shipping it does). `tfidf` is the TF-IDF + logistic-regression baseline trained on the same seed",
-        "training split. Public suites use their test splits (detectors.datasets). F1 depends on each",
-        "suite's positive:negative ratio; compare it within a suite only.",
+        "shipping it does). `tfidf` is the TF-IDF + logistic-regression baseline trained on the same",
+        'records as the detectors ("trained on" under each concept). Public suites use their test splits',
+        "(detectors.datasets), which training never sees. F1 depends on each suite's positive:negative",
+        "ratio; compare it within a suite only.",
     ]
     for concept in dict.fromkeys(r.concept for r in rows):
+        lines += ["", f"## {concept}", ""]
+        for r in (r for r in rows if r.concept == concept and r.suite == TRAIN_ROW):
+            lines += [f"Trained on: {r.note} ({r.n_pos} positive / {r.n_neg} negative records).", ""]
         lines += [
-            "",
-            f"## {concept}",
-            "",
             f"| suite | n+ / n− | detector | AUROC | R@{pct}FPR | F1@thr | recall@thr | FPR@thr | note |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in (r for r in rows if r.concept == concept):
+        for r in (r for r in rows if r.concept == concept and r.suite != TRAIN_ROW):
             det = f"**{r.detector}** (shipped)" if r.shipped else r.detector
             vals = " | ".join(_fmt(v) for v in (r.auroc, r.recall_at_fpr, r.f1, r.recall, r.fpr))
             lines.append(f"| {r.suite} | {r.n_pos} / {r.n_neg} | {det} | {vals} | {r.note} |")

@@ -43,10 +43,13 @@ def fit_logistic(
     C: float = 1.0,
     standardise: bool = True,
     max_iter: int = 2000,
+    w_pos: torch.Tensor | np.ndarray | None = None,
+    w_neg: torch.Tensor | np.ndarray | None = None,
 ) -> LinearFit:
     """Fit positives (label 1) against negatives (label 0), class_weight="balanced" so that neither class
     size nor ratio moves the decision boundary. Features are standardised with the pooled mean/std first
-    (so C means the same for every feature scale)."""
+    (so C means the same for every feature scale). Optional per-row weights (`w_pos`, `w_neg`) multiply
+    the class weights, e.g. to give each data source an equal say."""
     pos, neg = _as_2d(x_pos), _as_2d(x_neg)
     if len(pos) == 0 or len(neg) == 0:
         raise ValueError(f"need positives and negatives (got {len(pos)} and {len(neg)})")
@@ -58,7 +61,14 @@ def fit_logistic(
     std = x.std(axis=0) if standardise else np.ones(x.shape[1])
     std = np.where(std < MIN_STD, 1.0, std)
     clf = LogisticRegression(C=C, class_weight="balanced", max_iter=max_iter)
-    clf.fit((x - mean) / std, y)
+    weight = None
+    if w_pos is not None or w_neg is not None:
+        wp = np.ones(len(pos)) if w_pos is None else _as_2d(w_pos).reshape(-1)
+        wn = np.ones(len(neg)) if w_neg is None else _as_2d(w_neg).reshape(-1)
+        weight = np.concatenate([wp, wn])
+        if len(weight) != len(x):
+            raise ValueError(f"{len(weight)} row weights for {len(x)} rows")
+    clf.fit((x - mean) / std, y, sample_weight=weight)
     f32 = torch.float32
     return LinearFit(
         weight=torch.as_tensor(clf.coef_[0], dtype=f32),

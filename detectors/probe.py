@@ -31,10 +31,17 @@ WEIGHT_KEYS = ("W", "b", "mean", "std")
 
 
 def train_probe(
-    x_pos: Tensor | np.ndarray, x_neg: Tensor | np.ndarray, C: float = 1.0, max_iter: int = 2000
+    x_pos: Tensor | np.ndarray,
+    x_neg: Tensor | np.ndarray,
+    C: float = 1.0,
+    max_iter: int = 2000,
+    *,
+    w_pos: Tensor | np.ndarray | None = None,
+    w_neg: Tensor | np.ndarray | None = None,
 ) -> LinearFit:
-    """Balanced logistic regression on standardised features (rows = tokens or pooled examples)."""
-    return fit_logistic(x_pos, x_neg, C=C, standardise=True, max_iter=max_iter)
+    """Balanced logistic regression on standardised features (rows = tokens or pooled examples), with
+    optional per-row weights."""
+    return fit_logistic(x_pos, x_neg, C=C, standardise=True, max_iter=max_iter, w_pos=w_pos, w_neg=w_neg)
 
 
 def save_probe(

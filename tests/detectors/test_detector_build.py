@@ -151,7 +151,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Any) -> tuple[Path,
     recs = [_chat(i, label) for i in range(16) for label in (0, 1)]
     (folder / "concepts").mkdir()
     (folder / "concepts" / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    calib = [{"id": f"c{i}", "text": f"{NEG[i % 3]} Calib {i}."} for i in range(10)]
+    calib: list[dict[str, Any]] = [{"id": f"c{i}", "text": f"{NEG[i % 3]} Calib {i}."} for i in range(10)]
     calib.append({"id": "prompt-only", "messages": [{"role": "user", "content": "Hi"}]})
     result = build_concept_detectors(
         tiny_lm.model,
@@ -211,8 +211,11 @@ def test_evaluate_rows_include_the_tfidf_baseline(
     )
     got = {(r.suite, r.detector) for r in rows}
     assert got == {(s, d) for s in ("seed-test", "pub") for d in ("probe", "sae_features", "tfidf")} | {
-        ("gone", "-")
+        ("gone", "-"),
+        ("train", "-"),
     }
+    trained = next(r for r in rows if r.suite == "train")
+    assert trained.note == "seed train split" and trained.n_pos + trained.n_neg == 24  # no data record
     seed = {r.detector: r for r in rows if r.suite == "seed-test"}
     assert seed["tfidf"].n_pos == 4 and seed["tfidf"].n_neg == 4 and seed["tfidf"].auroc is not None
     assert seed[result.selected].shipped and not seed["tfidf"].shipped
@@ -220,3 +223,4 @@ def test_evaluate_rows_include_the_tfidf_baseline(
     assert all(r.n_pos + r.n_neg == 8 for r in pub) and all(0 <= (r.auroc or 0) <= 1 for r in pub)
     md = render_markdown(rows)
     assert "## toy" in md and "| seed-test | 4 / 4 | tfidf |" in md and "skipped:" in md
+    assert "Trained on: seed train split (12 positive / 12 negative records)." in md and "| train |" not in md

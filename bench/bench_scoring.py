@@ -1,0 +1,133 @@
+"""Scoring throughput: `featurewatch score`-style batched early-exit scoring with the shipped detectors,
+side by side with a full forward pass (all 30 blocks + LM head) over the same batches.
+
+Run: .venv/bin/python bench/bench_scoring.py [--rounds 3] [--batch-size 8] [--records 96] [--json out.json]
+
+When some shipped detectors read deeper than the SAE's layer, the detectors that read only the SAE's layer
+are timed as well ("shallow"): the price of the deeper hook point.
+
+Records: the seed test splits of every shipped concept (chat transcripts; the last assistant turn is the
+monitored completion), cycled to `--records`. "tokens" are every rendered token the model reads (prompt +
+completion, what the forward pass costs), not only the scored ones. Both paths include rendering and
+tokenizing. They are interleaved round by round in one process and medians reported, because this machine
+is noisy (±30 % between runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detectors.build import shipped_detectors
+from detectors.datasets import load_seed
+from detectors.extract import sae_hook_point, scoped_positions
+from detectors.registry import load_detectors
+from detectors.scoring import Scorer
+from monitor.model import load_model
+from sae_assets.registry import DEFAULT_SAE, resolve_sae_path
+from sae_assets.sae import SAE
+
+
+def _records(concepts: list[str], n: int) -> list[dict[str, Any]]:
+    pool = [r for c in concepts for r in load_seed(c, "test")]
+    return [{**r, "id": f"{r['id']}#{i}"} for i, r in enumerate(itertools.islice(itertools.cycle(pool), n))]
+
+
+def _batches(tokenizer: Any, records: list[dict[str, Any]], size: int) -> list[tuple[Any, Any]]:
+    """Right-padded (input_ids, attention_mask) per batch, exactly as the scorer's extraction pads them."""
+    out = []
+    for i in range(0, len(records), size):
+        ids = [scoped_positions(tokenizer, r, "both")[0] for r in records[i : i + size]]
+        width = max(len(x) for x in ids)
+        input_ids = torch.zeros((len(ids), width), dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for j, x in enumerate(ids):
+            input_ids[j, : len(x)] = torch.tensor(x)
+            mask[j, : len(x)] = 1
+        out.append((input_ids, mask))
+    return out
+
+
+def _time_scoring(scorer: Scorer, records: list[dict[str, Any]], batch_size: int) -> float:
+    t0 = time.perf_counter()
+    results = list(scorer.score_records(records, batch_size))
+    secs = time.perf_counter() - t0
+    assert not [r for r in results if "error" in r]
+    return secs
+
+
+def _time_full(model: Any, tokenizer: Any, records: list[dict[str, Any]], batch_size: int) -> float:
+    """Rendering + full forward passes, so that both paths pay for the chat template and tokenizer."""
+    t0 = time.perf_counter()
+    batches = _batches(tokenizer, records, batch_size)
+    with torch.inference_mode():
+        for input_ids, mask in batches:
+            model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--records", type=int, default=96)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    lm = load_model(device="cpu")
+    folder = resolve_sae_path(DEFAULT_SAE)
+    sae = SAE.load(folder)
+    names = shipped_detectors(folder / "detectors")
+    dets = load_detectors(names, folder / "detectors", sae, model=lm.model)
+    scorer = Scorer(lm.model, lm.tokenizer, sae, dets, top_k=0)
+    # The detectors that read only the SAE's layer: what scoring costs if no detector went deeper.
+    sae_point = sae_hook_point(sae)
+    shallow = {n: d for n, d in dets.items() if set(d.hook_points()) <= {sae_point}}
+    subset = Scorer(lm.model, lm.tokenizer, sae, shallow, top_k=0) if 0 < len(shallow) < len(dets) else None
+    records = _records(names, a.records)
+    batches = _batches(lm.tokenizer, records, a.batch_size)
+    n_tok = sum(int(m.sum()) for _, m in batches)
+    _time_full(lm.model, lm.tokenizer, records[: a.batch_size], a.batch_size)  # warm-up allocations
+    times: dict[str, list[float]] = {"early_exit": [], "full": [], "shallow": []}
+    for _ in range(a.rounds):
+        times["early_exit"].append(_time_scoring(scorer, records, a.batch_size))
+        times["full"].append(_time_full(lm.model, lm.tokenizer, records, a.batch_size))
+        if subset is not None:
+            times["shallow"].append(_time_scoring(subset, records, a.batch_size))
+    med = {k: statistics.median(v) for k, v in times.items() if v}
+    out: dict[str, Any] = {
+        "detectors": names,
+        "hook_points": scorer.points,
+        "n_layers": int(lm.model.config.num_hidden_layers),
+        "records": len(records),
+        "tokens": n_tok,
+        "batch_size": a.batch_size,
+        "torch_threads": torch.get_num_threads(),
+        "score_texts_s": len(records) / med["early_exit"],
+        "score_tokens_s": n_tok / med["early_exit"],
+        "full_texts_s": len(records) / med["full"],
+        "full_tokens_s": n_tok / med["full"],
+        "speedup": med["full"] / med["early_exit"],
+    }
+    if "shallow" in med:
+        out.update(
+            shallow_detectors=list(shallow),
+            shallow_point=sae_point,
+            shallow_texts_s=len(records) / med["shallow"],
+            shallow_tokens_s=n_tok / med["shallow"],
+            shallow_speedup=med["full"] / med["shallow"],
+        )
+    for k, v in out.items():
+        print(f"{k:18s} {v:.2f}" if isinstance(v, float) else f"{k:18s} {v}")
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
