@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from monitor.engine import GenerationJob, JobResult
+from monitor.jobs import GenerationJob, JobResult
 
 
 @dataclass

@@ -19,10 +19,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from monitor.api_models import ChatCompletionRequest, CompletionRequest
-from monitor.engine import Channel, Chunk, Done, EngineStopped, Failed, GenerationJob, JobResult, QueueFull
 from monitor.events import DecisionEvent, emit
 from monitor.generate import SamplingParams
 from monitor.http_errors import APIError, error_body
+from monitor.jobs import Channel, Chunk, Done, EngineStopped, Failed, GenerationJob, JobResult, QueueFull
 from monitor.monitoring import RequestMonitor
 from monitor.openai_format import Call, chunk, data, final_chunk, full_body, usage
 from monitor.runtime import Runtime

@@ -15,8 +15,8 @@ from fastapi import APIRouter, Request
 
 from detectors.scoring import Scorer
 from monitor.api_models import ScoreRequest
-from monitor.engine import CallJob, EngineStopped, QueueFull
 from monitor.http_errors import APIError
+from monitor.jobs import CallJob, EngineStopped, QueueFull
 from monitor.runtime import Runtime
 from monitor.tenancy import tenant_of
 from policies.evaluate import Finding, Phase, Verdict, evaluate
