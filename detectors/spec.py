@@ -40,6 +40,9 @@ class BaseSpec(BaseModel):
     scope: Scope = "completion"
     aggregation: Aggregation = Field(default_factory=Aggregation)
     threshold: float = Field(ge=0.0, le=1.0)
+    # Further calibrated thresholds by false-positive rate ("0.05": 0.61), for policies that want another
+    # operating point than `threshold` (`threshold: calibrated@0.05`).
+    operating_points: dict[str, float] = Field(default_factory=dict)
     target_fpr: float | None = Field(default=None, gt=0.0, lt=1.0)
     eval: dict[str, Any] = Field(default_factory=dict)
 

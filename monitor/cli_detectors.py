@@ -330,6 +330,13 @@ def calibrate_cmd(
     pos: Annotated[list[Path] | None, typer.Option("--pos", help="Positive records (for figures).")] = None,
     target_fpr: FprOpt = 0.01,
     spec_out: Annotated[Path | None, typer.Option("--out", help="Write here instead of in place.")] = None,
+    operating_point: Annotated[
+        bool,
+        typer.Option(
+            "--operating-point",
+            help="Keep `threshold`; store this FPR's threshold as an operating point (calibrated@FPR).",
+        ),
+    ] = False,
     sae: SaeOpt = DEFAULT_SAE,
     model: ModelOpt = DEFAULT_MODEL,
     max_tokens: MaxTokOpt = 256,
@@ -367,9 +374,26 @@ def calibrate_cmd(
         )
     except (DetectorError, ValueError) as e:
         raise fail(str(e)) from e
+    if operating_point:  # keep the main threshold; add (or replace) this FPR's operating point
+        key = str(float(target_fpr))
+        points = {**det.spec.operating_points, key: spec.threshold}
+        ev = {
+            **det.spec.eval,
+            "operating_points": {**det.spec.eval.get("operating_points", {}), key: spec.eval["recalibrated"]},
+        }
+        spec = type(det.spec).model_validate(
+            {
+                **det.spec.model_dump(),
+                "operating_points": points,
+                "eval": {**ev, "recalibrated": spec.eval["recalibrated"]},
+            }
+        )
     path = dump_spec(spec, spec_out or folder / "detectors" / f"{name}.yaml")
     fig = spec.eval["recalibrated"]
     change = f"threshold {det.spec.threshold:.4f} → {spec.threshold:.4f}"
+    if operating_point:
+        at = str(float(target_fpr))
+        change = f"operating point calibrated@{at} = {spec.operating_points[at]:.4f}"
     out.print(Text(f"{name}: {change} ({json.dumps(fig)}); wrote {path}"))
 
 

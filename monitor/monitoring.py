@@ -58,7 +58,14 @@ class DetectorSet:
         return cls(
             detectors=dets,
             report=tuple(report),
-            thresholds={n: float(d.spec.threshold) for n, d in dets.items()},
+            thresholds={
+                **{n: float(d.spec.threshold) for n, d in dets.items()},
+                **{
+                    f"{n}@{float(fpr)}": float(v)
+                    for n, d in dets.items()
+                    for fpr, v in d.spec.operating_points.items()
+                },
+            },
             clamps={n: dict(d.clamp_for_steering()) for n, d in dets.items()},
             aggregations={n: d.spec.aggregation for n, d in dets.items()},
             points=list(dict.fromkeys(p for d in dets.values() for p in d.hook_points())),

@@ -20,7 +20,7 @@ from monitor.monitoring import DetectorSet
 from monitor.settings import Settings
 from policies.loader import PolicyError, PolicyIssue
 from policies.reload import PolicyHolder, PolicyWatcher
-from policies.schema import Policy, format_aggregation
+from policies.schema import Policy, format_aggregation, threshold_key
 
 log = logging.getLogger(__name__)
 HOLD_BACK_CAP = 8  # tokens: beyond this the added latency outweighs withholding a long trigger
@@ -85,8 +85,22 @@ def policy_issues(dset: DetectorSet) -> Any:
         for i, rule in enumerate(policy.rules):
             own = dset.aggregations.get(rule.detector)
             agg = rule.aggregation
+            if isinstance(rule.threshold, str) and rule.detector in dset.detectors:
+                key = threshold_key(rule.detector, rule.threshold)
+                if key not in dset.thresholds:
+                    have = sorted(dset.detectors[rule.detector].spec.operating_points) or ["none"]
+                    issues.append(
+                        PolicyIssue(
+                            source,
+                            None,
+                            f"rules[{i}].threshold",
+                            f"{rule.detector!r} has no operating point {rule.threshold!r} (has: "
+                            f"{', '.join(have)}); add one with `featurewatch detectors calibrate "
+                            f"{rule.detector} --operating-point --target-fpr FPR`",
+                        )
+                    )
             if (
-                rule.threshold == "calibrated"
+                isinstance(rule.threshold, str)
                 and isinstance(agg, Aggregation)
                 and own is not None
                 and agg != own

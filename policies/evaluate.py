@@ -20,7 +20,7 @@ from typing import Literal
 
 from detectors.aggregate import Aggregation, RunningAggregate, aggregate
 from detectors.spec import Scope
-from policies.schema import ACTION_RANK, CALIBRATED, Action, Defaults, Policy, Rule, format_aggregation
+from policies.schema import ACTION_RANK, Action, Defaults, Policy, Rule, format_aggregation, threshold_key
 
 Phase = Literal["prompt", "completion"]
 NON_FINITE = "detector returned a non-finite score"
@@ -185,10 +185,12 @@ def judge(
     """(fired rule or None, the steering clamps it asks for) for one rule given its value or error."""
     threshold: float | None = None
     if error is None:
-        if rule.threshold == CALIBRATED:
-            threshold = (thresholds or {}).get(rule.detector)
+        if isinstance(rule.threshold, str):  # calibrated or calibrated@FPR
+            key = threshold_key(rule.detector, rule.threshold)
+            threshold = (thresholds or {}).get(key)
             if threshold is None:
-                error = f"no calibrated threshold for detector {rule.detector!r}"
+                what = "" if key == rule.detector else f" {key!r}"
+                error = f"no calibrated threshold{what} for detector {rule.detector!r}"
         else:
             threshold = float(rule.threshold)
     if error is None and value is None:  # callers pass one of the two; treat a gap as an error

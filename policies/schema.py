@@ -9,6 +9,7 @@ its line. The semantics are documented in policies/README.md.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -22,6 +23,17 @@ Action = Literal["allow", "log", "flag", "steer", "block"]
 ACTIONS: tuple[Action, ...] = ("allow", "log", "flag", "steer", "block")
 ACTION_RANK: dict[str, int] = {a: i for i, a in enumerate(ACTIONS)}
 CALIBRATED = "calibrated"  # threshold: the detector spec's own calibrated threshold, resolved at evaluation
+# "calibrated@0.05": the detector's threshold calibrated for that false-positive rate (an operating point
+# stored in its spec by `featurewatch detectors calibrate --operating-point`).
+CALIBRATED_AT = re.compile(r"^calibrated@(0?\.\d+)$")
+
+
+def threshold_key(detector: str, threshold: str) -> str:
+    """Key of a calibrated threshold in the evaluator's `thresholds` map: `scam` or `scam@0.05`."""
+    m = CALIBRATED_AT.match(threshold)
+    return f"{detector}@{float(m.group(1))}" if m else detector
+
+
 DEFAULT_BLOCK_MESSAGE = "This response was stopped by the safety policy."
 DUPLICATE_ID_ERROR = "duplicate_rule_id"
 
@@ -77,8 +89,8 @@ class Rule(BaseModel):
     scope: Scope = "completion"
     # An aggregation, or "detector": the detector spec's own (the one its calibrated threshold is for).
     aggregation: Aggregation | Literal["detector"] = Field(default_factory=Aggregation)
-    # A number, or "calibrated". For count_over a whole number of tokens, else a value in [0, 1].
-    threshold: float | Literal["calibrated"]
+    # A number, "calibrated" or "calibrated@FPR". For count_over a whole number of tokens, else in [0, 1].
+    threshold: float | str
     action: Action
     steer: Steer | None = Field(default=None, validate_default=True)
     tenants: list[str] | None = None  # None: every tenant
@@ -93,12 +105,14 @@ class Rule(BaseModel):
     def _check_threshold(cls, raw: Any, info: ValidationInfo) -> Any:
         agg = info.data.get("aggregation")  # absent when the aggregation itself was invalid
         counts = isinstance(agg, Aggregation) and not agg.bounded
-        if raw == CALIBRATED:
+        if raw == CALIBRATED or (isinstance(raw, str) and CALIBRATED_AT.match(raw)):
             if counts:
                 raise ValueError("'calibrated' is a [0, 1] score threshold; count_over needs a token count")
             return raw
         if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
-            raise ValueError(f"must be a number or 'calibrated', got {raw!r}")
+            raise ValueError(
+                f"must be a number, 'calibrated' or 'calibrated@FPR' (e.g. calibrated@0.05), got {raw!r}"
+            )
         if counts:
             if raw < 0 or raw != int(raw):
                 raise ValueError(f"count_over counts tokens: need a whole number >= 0, got {raw!r}")

@@ -330,3 +330,20 @@ def test_detector_aggregation_resolves_to_the_spec() -> None:
     assert evaluate(policy, f, aggregations={"scam": Aggregation(kind="mean")}).action == "allow"
     failed = evaluate(policy, f)  # unknown: fails closed
     assert failed.action == "block" and "no aggregation known" in str(failed.fired[0].error)
+
+
+def test_calibrated_operating_points() -> None:
+    policy = parse_policy(
+        "name: p\nrules:\n"
+        "  - {id: f, detector: scam, aggregation: mean, threshold: calibrated@0.05, action: flag}\n"
+        "  - {id: b, detector: scam, aggregation: mean, threshold: calibrated, action: block}\n"
+    )
+    f = [Finding("scam", "completion", (0.7,))]
+    v = evaluate(policy, f, thresholds={"scam": 0.9, "scam@0.05": 0.6})
+    assert v.action == "flag" and [r.rule_id for r in v.fired] == ["f"]
+    missing = evaluate(policy, f, thresholds={"scam": 0.9})  # no such operating point: fails closed
+    assert missing.action == "block" and "scam@0.05" in str(missing.fired[0].error)
+    with pytest.raises(Exception, match="calibrated@FPR"):
+        parse_policy(
+            "name: p\nrules:\n  - {id: f, detector: scam, threshold: calibrated@five, action: flag}\n"
+        )
