@@ -146,6 +146,35 @@ def test_calibrate_resets_the_threshold(tmp_path: Path, sae_dir: Path, tiny_mode
     assert bad.exit_code == 2 and "valid: planted" in bad.output
 
 
+def test_calibrate_operating_point_keeps_the_threshold(
+    tmp_path: Path, sae_dir: Path, tiny_model_dir: Path
+) -> None:
+    neg = _write(
+        tmp_path / "neg.jsonl", [{"id": f"n{i}", "text": f"The lazy dog sleeps {i}."} for i in range(20)]
+    )
+    before = yaml.safe_load((sae_dir / "detectors" / "planted.yaml").read_text())["threshold"]
+    args = [
+        "detectors",
+        "calibrate",
+        "planted",
+        "--neg",
+        str(neg),
+        "--sae",
+        str(sae_dir),
+        "--operating-point",
+    ]
+    res = runner.invoke(
+        app, [*args, "--model", str(tiny_model_dir), "--device", "cpu", "--target-fpr", "0.2"]
+    )
+    assert res.exit_code == 0, res.output
+    spec = yaml.safe_load((sae_dir / "detectors" / "planted.yaml").read_text())
+    assert spec["threshold"] == before and set(spec["operating_points"]) == {"0.2"}
+    assert (
+        0.0 <= spec["operating_points"]["0.2"] <= 1.0
+        and spec["eval"]["operating_points"]["0.2"]["fpr"] <= 0.2
+    )
+
+
 def test_train_then_eval_then_list(tmp_path: Path, sae_dir: Path, tiny_model_dir: Path) -> None:
     phrases = {1: "Verify your bank password at this link", 0: "The quick brown fox jumps over the lazy dog"}
     recs = []
