@@ -93,13 +93,9 @@ def load_lm(model: str, device: str, sae: Any = None) -> Any:
 
 def load_labels(folder: Path) -> Callable[[int], str] | None:
     """Latent id -> dashboard label, when the SAE folder has dashboards."""
-    from sae_assets.dashboards import Dashboards, DashboardsError
+    from sae_assets.dashboards import label_fn
 
-    try:
-        dash = Dashboards.load(folder)
-    except DashboardsError:
-        return None
-    return lambda i: dash.label(i)[0]
+    return label_fn(folder)
 
 
 def load_named_detectors(names: list[str], folder: Path, sae: Any, model: Any) -> dict[str, Any]:

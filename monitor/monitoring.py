@@ -13,7 +13,8 @@ position 0 are skipped, because their residuals are attention-sink outliers the 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,67 +147,47 @@ class RequestMonitor:
     ) -> Verdict:
         """Score the prompt (T tokens; latents (T, n_watched), resid {point: (T, d_in)}) and return the
         prompt-phase verdict (prompt and scope-both rules)."""
-        t0 = time.perf_counter()
-        try:
-            return self._observe_prompt(token_ids, latents, resid, special)
-        finally:
-            self.seconds += time.perf_counter() - t0
-
-    def _observe_prompt(
-        self,
-        token_ids: list[int],
-        latents: torch.Tensor,
-        resid: Mapping[str, torch.Tensor],
-        special: set[int],
-    ) -> Verdict:
-        keep = [t for t, tok in enumerate(token_ids) if t > 0 and tok not in special]
-        idx = torch.tensor(keep, dtype=torch.long)
-        feats = self._features(
-            latents.index_select(0, idx), {p: r.index_select(0, idx) for p, r in resid.items()}
-        )
-        for name in self.names:
-            scores = self._score(name, feats, "prompt")
-            if scores is None:
-                continue
-            for s in scores:
-                self._update(name, "prompt", s)
-            self.prompt_peaks[name] = max(scores, default=0.0)
-            self.prompt_values[name] = aggregate(scores, self.dset.aggregations[name])
-        self.prompt_verdict = self.state.verdict
-        return self.prompt_verdict
+        with self._clock("seconds"):
+            keep = [t for t, tok in enumerate(token_ids) if t > 0 and tok not in special]
+            idx = torch.tensor(keep, dtype=torch.long)
+            feats = self._features(
+                latents.index_select(0, idx), {p: r.index_select(0, idx) for p, r in resid.items()}
+            )
+            for name in self.names:
+                scores = self._score(name, feats, "prompt")
+                if scores is None:
+                    continue
+                for s in scores:
+                    self._update(name, "prompt", s)
+                self.prompt_peaks[name] = max(scores, default=0.0)
+                self.prompt_values[name] = aggregate(scores, self.dset.aggregations[name])
+            self.prompt_verdict = self.state.verdict
+            return self.prompt_verdict
 
     def observe_token(
         self, index: int, text: str, latents: torch.Tensor, resid: Mapping[str, torch.Tensor]
     ) -> Verdict:
         """Score one completion token (latents (n_watched,), resid {point: (d_in,)}) before it is emitted."""
-        t0 = time.perf_counter()
-        try:
-            return self._observe_token(index, text, latents, resid)
-        finally:
-            self.seconds += time.perf_counter() - t0
-
-    def _observe_token(
-        self, index: int, text: str, latents: torch.Tensor, resid: Mapping[str, torch.Tensor]
-    ) -> Verdict:
-        feats = self._features(latents[None], {p: r[None] for p, r in resid.items()})  # T = 1
-        if not self.tokens:
-            self.state.start_completion()
-        scores: dict[str, float] = {}
-        for name in self.names:
-            got = self._score(name, feats, "completion")
-            if got is None:
-                continue
-            scores[name] = got[0]
-            self._update(name, "completion", got[0])
-            self.peaks[name] = max(self.peaks.get(name, 0.0), got[0])
-            if name not in self.values:
-                self.values[name] = RunningAggregate(self.dset.aggregations[name])
-            self.values[name].update(got[0])
-        self.tokens.append(TokenEvidence(index, text, scores, self._top(latents)))
-        verdict = self.state.verdict
-        if verdict.blocked and self.blocked_at is None:
-            self.blocked_at = index
-        return verdict
+        with self._clock("seconds"):
+            feats = self._features(latents[None], {p: r[None] for p, r in resid.items()})  # T = 1
+            if not self.tokens:
+                self.state.start_completion()
+            scores: dict[str, float] = {}
+            for name in self.names:
+                got = self._score(name, feats, "completion")
+                if got is None:
+                    continue
+                scores[name] = got[0]
+                self._update(name, "completion", got[0])
+                self.peaks[name] = max(self.peaks.get(name, 0.0), got[0])
+                if name not in self.values:
+                    self.values[name] = RunningAggregate(self.dset.aggregations[name])
+                self.values[name].update(got[0])
+            self.tokens.append(TokenEvidence(index, text, scores, self._top(latents)))
+            verdict = self.state.verdict
+            if verdict.blocked and self.blocked_at is None:
+                self.blocked_at = index
+            return verdict
 
     def finish(self) -> Verdict:
         """The final verdict, over the whole message (rules waiting for `min_tokens` are judged now;
@@ -216,10 +197,18 @@ class RequestMonitor:
         return self.state.finish()
 
     # ---- internals ---------------------------------------------------------------------------------
-    def _update(self, name: str, scope: Phase, score: float) -> None:
+    @contextmanager
+    def _clock(self, counter: str) -> Iterator[None]:
+        """Adds the block's wall time to `self.<counter>` (seconds), even when it raises."""
         t0 = time.perf_counter()
-        self.state.update(name, scope, score)
-        self.policy_seconds += time.perf_counter() - t0
+        try:
+            yield
+        finally:
+            setattr(self, counter, getattr(self, counter) + time.perf_counter() - t0)
+
+    def _update(self, name: str, scope: Phase, score: float) -> None:
+        with self._clock("policy_seconds"):
+            self.state.update(name, scope, score)
 
     def _features(self, latents: torch.Tensor, resid: dict[str, torch.Tensor]) -> TokenFeatures:
         lat = latents if self.dset.latent_ids else None

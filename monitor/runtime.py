@@ -179,7 +179,9 @@ def load_runtime(settings: Settings) -> Runtime:
         dets: dict[str, Detector] = load_detectors(valid, det_dir, sae, model=lm.model)
     except DetectorError as e:
         raise StartupError(f"detectors: {e}") from None
-    dset = DetectorSet.build(dets, report, _labels(folder))
+    from sae_assets.dashboards import label_fn
+
+    dset = DetectorSet.build(dets, report, label_fn(folder))
 
     try:
         holder = PolicyHolder(settings.policy_path(), set(valid), validate=policy_issues(dset))
@@ -210,13 +212,3 @@ def _versions(settings: Settings, lm: Any, folder: Path) -> dict[str, str]:
     from monitor.versions import model_versions
 
     return model_versions(lm.name, lm.source, settings.sae, folder, settings.resolved_data_dir())
-
-
-def _labels(folder: Path) -> Any:
-    from sae_assets.dashboards import Dashboards, DashboardsError
-
-    try:
-        dash = Dashboards.load(folder)
-    except DashboardsError:
-        return None
-    return lambda i: dash.label(i)[0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -195,6 +195,3 @@ def _version() -> str:
         return version("featurewatch")
     except PackageNotFoundError:
         return "0"
-
-
-Handler = Callable[..., Awaitable[Any]]

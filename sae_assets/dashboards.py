@@ -689,3 +689,12 @@ def top_latents_for_text(
         for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
         if v > 0
     ]
+
+
+def label_fn(path: str | Path) -> Callable[[int], str] | None:
+    """Latent id -> dashboard label for an SAE folder, or None when it has no dashboards."""
+    try:
+        dash = Dashboards.load(path)
+    except DashboardsError:
+        return None
+    return lambda i: dash.label(i)[0]
