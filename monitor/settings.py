@@ -80,8 +80,35 @@ class Settings(BaseSettings):
     otel_capture_content: bool = False  # prompt and completion text in spans (off: never)
     metrics_enabled: bool = True  # Prometheus text at GET /metrics
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # ---- access control and the audit console ([6/7]) ----------------------------------------------
+    # Keys with roles live hashed in Redis (`featurewatch keys create`); `api_keys` above are extra static
+    # client keys. Audit routes always need a reviewer or admin key.
+    console_enabled: bool = True  # the audit console at /audit
+    session_ttl_s: int = Field(default=8 * 3600, ge=60)  # console login cookie lifetime, seconds
+    # ---- alerts (consumers of the alerts stream, monitor.alerts) -------------------------------------
+    alerts_webhook_url: str | None = None  # POST each alert as JSON here; None: no webhook consumer
+    alerts_log: bool = False  # a consumer that logs each alert (ids, rules, scores; never content)
+    alerts_max_attempts: int = Field(default=5, ge=1)  # webhook tries before the dead-letter stream
+    alerts_backoff_s: float = Field(default=1.0, gt=0)  # first retry delay, doubling each try
+    alerts_dedup_window_s: float = Field(default=60.0, ge=0)  # one alert per (rule, tenant) a window; 0 off
+    alerts_consumer: str | None = None  # this replica's consumer name in the group; default host-pid
+    # ---- proxy mode (monitor.proxy): wrap an existing OpenAI-compatible server ------------------------
+    upstream_url: str | None = None  # e.g. http://llm:8000/v1; set: generation is forwarded there
+    upstream_api_key: SecretStr | None = None  # sent upstream as Authorization: Bearer
+    upstream_model: str | None = None  # model name sent upstream; default: the client's
+    upstream_timeout_s: float = Field(default=120.0, gt=0)
 
-    @field_validator("served_model_name", "policy", "redis_url", "data_dir", mode="before")
+    @field_validator(
+        "served_model_name",
+        "policy",
+        "redis_url",
+        "data_dir",
+        "alerts_webhook_url",
+        "upstream_url",
+        "upstream_api_key",
+        "upstream_model",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, raw: Any) -> Any:
         return None if raw == "" else raw
@@ -133,6 +160,9 @@ class Settings(BaseSettings):
         out["api_keys"] = f"<{len(self.api_keys)} key(s)>"
         if self.redis_url is not None:
             out["redis_url"] = mask_url(self.redis_url.get_secret_value())
+        for name in ("alerts_webhook_url", "upstream_url"):  # URLs may carry credentials
+            if out.get(name):
+                out[name] = mask_url(out[name])
         return out
 
 
