@@ -41,13 +41,21 @@ PROMPTS = [
 ]
 
 
-def _server(monitoring: bool, max_batch: int) -> tuple[Any, Any]:
+def _server(monitoring: bool, max_batch: int, model: str, device: str) -> tuple[Any, Any]:
     from monitor.background import serve_in_thread
     from monitor.runtime import load_runtime
     from monitor.server import create_app
     from monitor.settings import Settings
 
-    settings = Settings(monitoring=monitoring, max_batch_size=max_batch, policy_poll_s=0, max_queue=256)
+    settings = Settings(
+        model=model,
+        served_model_name="smollm2-135m-instruct",  # what the clients below ask for, whatever the folder
+        device=device,
+        monitoring=monitoring,
+        max_batch_size=max_batch,
+        policy_poll_s=0,
+        max_queue=256,
+    )
     rt = load_runtime(settings)
     return rt, serve_in_thread(create_app(settings, rt, sinks=[]))
 
@@ -127,20 +135,34 @@ def scoring(url: str, n: int) -> dict[str, float]:
     return {"conversations_s": n / dt, "tokens_s": tokens / dt}
 
 
+def _device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else "cpu"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--out", type=Path, default=None)
+    # GPU runs use a random-init copy of the architecture (bench/gpu/make_random_model.py): same speed.
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="alias, folder or Hugging Face id")
+    ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     import torch
 
-    results: dict[str, Any] = {"threads": torch.get_num_threads(), "max_tokens": args.max_tokens}
+    results: dict[str, Any] = {
+        "threads": torch.get_num_threads(),
+        "max_tokens": args.max_tokens,
+        "model": args.model,
+        "device": _device_name(args.device),
+    }
     with ExitStack() as stack:
         urls = {}
         for mode, flag in (("on", True), ("off", False)):
-            rt, ctx = _server(flag, args.max_batch)
+            rt, ctx = _server(flag, args.max_batch, args.model, args.device)
             stack.callback(rt.close)
             urls[mode] = stack.enter_context(ctx)
         _wave(urls["on"], 1, 8), _wave(urls["off"], 1, 8)  # warm-up

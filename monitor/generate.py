@@ -153,7 +153,11 @@ class Generator:
         plist = list(params) if isinstance(params, Sequence) else [params] * n
         res = results if results is not None else []
         res[:] = [SequenceResult(prompt_tokens=len(p)) for p in prompts]
-        gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in plist]
+        # On the logits' device: multinomial refuses a CPU generator for CUDA probabilities.
+        gens = [
+            torch.Generator(device=self.device).manual_seed(p.seed) if p.seed is not None else None
+            for p in plist
+        ]
         lw = LatentWatch(self.sae, list(watch), full=watch_all) if self.sae is not None else None
         if self.sae is None and (watch or steering is not None):
             raise ValueError("watching or steering latents needs an SAE")

@@ -9,6 +9,7 @@ third completion token.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def make_settings(tiny_model_dir: Path, tiny_sae_dir: Path, policy: Path, **kw: 
         "policy": policy,
         "data_dir": policy.parent / "data",  # never the user's ~/.cache
         "policy_poll_s": 0,
-        "device": "cpu",
+        "device": os.environ.get("FEATUREWATCH_TEST_DEVICE", "cpu"),  # cuda on a GPU machine
         "batch_wait_ms": 20,
     }
     return Settings(**{**base, **kw})

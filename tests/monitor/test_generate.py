@@ -30,7 +30,7 @@ def sae(tiny_lm: Any) -> SAE:
         s.W_enc.normal_(0, 1 / d**0.5)
         s.W_dec.copy_(s.W_enc.T)
         s.b_enc.fill_(-0.05)
-    return s
+    return s.to(tiny_lm.device)
 
 
 def _ids(lm: Any, text: str) -> list[int]:
@@ -39,8 +39,8 @@ def _ids(lm: Any, text: str) -> list[int]:
 
 def _hf_greedy(lm: Any, ids: list[int], n: int) -> list[int]:
     out = lm.model.generate(
-        torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        torch.tensor([ids], device=lm.device),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=lm.device),
         max_new_tokens=n,
         do_sample=False,
         eos_token_id=None,
@@ -134,12 +134,12 @@ def test_watched_latents_equal_full_encode_of_token(tiny_lm: Any, sae: SAE) -> N
     gen.eos_ids = set()
     ids = _ids(tiny_lm, PROMPTS[2])
     events = list(gen.stream([ids], SamplingParams(max_tokens=5), watch=list(range(64))))
-    seq = torch.tensor([ids + [ev.token_id for ev in events]])
+    seq = torch.tensor([ids + [ev.token_id for ev in events]], device=tiny_lm.device)
     with torch.no_grad(), capture(tiny_lm.model, ["model.layers.2"]) as cap:
         tiny_lm.model(input_ids=seq)
     ref = sae.encode(cap["model.layers.2"][0, len(ids) :])  # (5, d_sae)
     got = torch.stack([ev.latents for ev in events])
-    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, ref.cpu(), atol=1e-4, rtol=1e-4)  # events carry CPU copies
 
 
 def test_prompt_side_stop(tiny_lm: Any, sae: SAE) -> None:
@@ -198,7 +198,8 @@ def test_captured_residuals_match_a_teacher_forced_pass(tiny_lm: Any, sae: SAE) 
     for row in (0, 1):
         mine = [e for e in events if e.row == row]
         full = ids[row] + [e.token_id for e in mine]
-        ref = run_to_hooks(tiny_lm.model, ["model.layers.1"], input_ids=torch.tensor([full]))
+        seq = torch.tensor([full], device=tiny_lm.device)
+        ref = run_to_hooks(tiny_lm.model, ["model.layers.1"], input_ids=seq)
         ref_rows = ref["model.layers.1"][0, len(ids[row]) : len(full)]  # the positions that read each token
         got = torch.stack([e.resid["model.layers.1"] for e in mine])
-        torch.testing.assert_close(got, ref_rows.float(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got, ref_rows.float().cpu(), atol=1e-4, rtol=1e-4)

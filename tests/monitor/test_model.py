@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from monitor.model import ModelLoadError, load_model, resolve_device, resolve_dt
 def test_loads_local_folder(tiny_lm: Any, tiny_model_dir: Path) -> None:
     assert tiny_lm.source == str(tiny_model_dir)
     assert tiny_lm.hidden_size == 32 and tiny_lm.n_layers == 4
-    assert tiny_lm.device.type == "cpu"
+    assert tiny_lm.device.type == os.environ.get("FEATUREWATCH_TEST_DEVICE", "cpu").split(":")[0]
     assert not tiny_lm.model.training
 
 

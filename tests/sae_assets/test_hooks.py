@@ -34,7 +34,7 @@ def _sae_for(model: Any, arch: str = "jumprelu", seed: int = 0) -> SAE:
         sae.W_dec.copy_(sae.W_enc.T)
         if arch == "jumprelu":
             sae.threshold.fill_(0.05)
-    return sae
+    return sae.to(model.device)
 
 
 def test_name_mapping() -> None:
@@ -45,7 +45,7 @@ def test_name_mapping() -> None:
 
 def test_capture_shapes_and_removal(tiny_lm: Any) -> None:
     model = tiny_lm.model
-    ids = torch.randint(0, 200, (2, 7))
+    ids = torch.randint(0, 200, (2, 7), device=model.device)
     before = _n_hooks(model)
     with torch.no_grad(), capture(model, ["model.layers.1", "blocks.2.hook_resid_post"]) as cap:
         model(input_ids=ids)
@@ -65,12 +65,13 @@ def test_hooks_removed_on_error(tiny_lm: Any) -> None:
 
 def test_unknown_hook_point(tiny_lm: Any) -> None:
     with pytest.raises(HookPointError, match=r"model.layers.0 … model.layers.3"):
-        run_to_hooks(tiny_lm.model, ["model.layers.9"], input_ids=torch.tensor([[1, 2]]))
+        ids = torch.tensor([[1, 2]], device=tiny_lm.device)
+        run_to_hooks(tiny_lm.model, ["model.layers.9"], input_ids=ids)
 
 
 def test_early_exit_matches_full_forward_and_skips_later_layers(tiny_lm: Any) -> None:
     model = tiny_lm.model
-    ids = torch.randint(0, 200, (3, 11))
+    ids = torch.randint(0, 200, (3, 11), device=model.device)
     with torch.no_grad(), capture(model, ["model.layers.1", "model.layers.3"]) as cap:
         model(input_ids=ids)
         full = dict(cap.acts)
@@ -91,7 +92,7 @@ def test_early_exit_outside_runner_raises(tiny_lm: Any) -> None:
         torch.no_grad(),
         capture(tiny_lm.model, ["model.layers.0"], early_exit=True),
     ):
-        tiny_lm.model(input_ids=torch.tensor([[1, 2, 3]]))
+        tiny_lm.model(input_ids=torch.tensor([[1, 2, 3]], device=tiny_lm.device))
 
 
 def _logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
@@ -102,7 +103,7 @@ def _logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
 def test_steering_without_clamps_is_bit_identical(tiny_lm: Any) -> None:
     model = tiny_lm.model
     sae = _sae_for(model)
-    ids = torch.randint(0, 200, (2, 9))
+    ids = torch.randint(0, 200, (2, 9), device=model.device)
     clean = _logits(model, ids)
     with sae_hooks(model, "model.layers.1", steering=Steering(sae)):
         steered = _logits(model, ids)
@@ -113,7 +114,7 @@ def test_steering_to_current_value_is_bit_identical(tiny_lm: Any) -> None:
     """Clamping a latent that is zero at every position to 0 changes nothing: error term preserved."""
     model = tiny_lm.model
     sae = _sae_for(model)
-    ids = torch.randint(0, 200, (1, 9))
+    ids = torch.randint(0, 200, (1, 9), device=model.device)
     with torch.no_grad(), capture(model, ["model.layers.1"]) as cap:
         model(input_ids=ids)
     f = sae.encode(cap["model.layers.1"])[0]  # (T, d_sae)
@@ -129,7 +130,7 @@ def test_steering_to_current_value_is_bit_identical(tiny_lm: Any) -> None:
 def test_steering_changes_output_and_watch_sees_clamp(tiny_lm: Any) -> None:
     model = tiny_lm.model
     sae = _sae_for(model)
-    ids = torch.randint(0, 200, (1, 6))
+    ids = torch.randint(0, 200, (1, 6), device=model.device)
     st = Steering(sae)
     st.set_all(1, {5: 8.0})
     watch = LatentWatch(sae, [5, 6])
