@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import typer
 
+from monitor.cli_alerts import register as register_alerts
+from monitor.cli_audit import register as register_audit
 from monitor.cli_detectors import detectors_app
 from monitor.cli_features import register as register_features
 from monitor.cli_generate import register as register_generate
 from monitor.cli_generate import register_demo
+from monitor.cli_keys import keys_app
 from monitor.cli_policy import policy_app
 from monitor.cli_sae import sae_app
 from monitor.cli_score import register as register_score
 from monitor.cli_serve import register as register_serve
-from monitor.cli_stubs import register as register_stubs
+from monitor.cli_worker import register as register_worker
 
 app = typer.Typer(
     name="featurewatch",
@@ -27,8 +30,11 @@ register_demo(app)
 app.add_typer(detectors_app, name="detectors")
 register_score(app)
 register_serve(app)
-register_stubs(app)
+register_audit(app)
 app.add_typer(policy_app, name="policy")
+app.add_typer(keys_app, name="keys")
+register_alerts(app)
+register_worker(app)
 
 
 def main() -> None:

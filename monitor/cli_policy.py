@@ -1,4 +1,4 @@
-"""`featurewatch policy …`: check policy files.
+"""`featurewatch policy …`: check policy files; publish one to every replica (`publish`, `status`).
 
 Exit codes: 0 valid, 1 the policy has issues (each printed as `file:line: path: message`), 2 bad input
 (unreadable file, missing --detectors-dir). Imports of policies/detectors (torch) happen inside commands so
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-policy_app = typer.Typer(help="Validate policy files.", no_args_is_help=True)
+policy_app = typer.Typer(help="Validate policy files and publish them to a fleet.", no_args_is_help=True)
 
 
 @policy_app.callback()
@@ -113,3 +113,101 @@ def check(
         f"actions: {', '.join(f'{a} {n}' for a, n in actions.items()) or 'none'}; "
         f"on detector error: {policy.defaults.action_on_detector_error}"
     )
+
+
+# ---- fleet: publish to every replica through Redis (monitor.policy_sync) --------------------------------
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="YAML settings file (or FEATUREWATCH_CONFIG).")
+]
+DataDirOpt = Annotated[
+    Path | None, typer.Option("--data-dir", help="Data dir with the embedded Redis (audit.rdb).")
+]
+RedisUrlOpt = Annotated[
+    str | None, typer.Option("--redis-url", help="The fleet's Redis (default: embedded).")
+]
+
+
+@policy_app.command("publish")
+def publish(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="Policy YAML file.")],
+    by: Annotated[str, typer.Option("--by", help="Who publishes (recorded with the policy).")] = "cli",
+    detectors_dir: Annotated[
+        Path | None,
+        typer.Option("--detectors-dir", help="Detector specs rules may use (default: the default SAE's)."),
+    ] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    redis_url: RedisUrlOpt = None,
+) -> None:
+    """Publish a policy to every replica running with `policy_source: redis` (each checks it against
+    its own detectors; see `policy status`). Exit 1 if the policy has issues or Redis is unreachable."""
+    import redis
+
+    from monitor.policy_sync import PolicyPublishError, publish_policy
+
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise _fail(f"cannot read policy file {file}: {e}") from None
+    known, where = _known_detectors(detectors_dir)
+    try:
+        with _redis(config, data_dir, redis_url) as client:
+            pub = publish_policy(client, text, source=str(file), by=by, known_detectors=known)
+    except PolicyPublishError as e:
+        for issue in e.issues:
+            typer.echo(str(issue))
+        raise _fail(f"{len(e.issues)} issue(s) in {file}; nothing published", 1) from None
+    except redis.RedisError as e:
+        raise _fail(f"Redis unavailable: {e}", 1) from None
+    if known is None:
+        err.print(f"note: detector names not checked here ({where}); replicas check them", highlight=False)
+    typer.echo(f"published {pub.name}@{pub.version} digest {pub.digest[:12]}")
+
+
+@policy_app.command("status")
+def status(config: ConfigOpt = None, data_dir: DataDirOpt = None, redis_url: RedisUrlOpt = None) -> None:
+    """The published policy and what each replica runs (applied, or rejected with its issues)."""
+    import redis
+
+    from monitor.policy_sync import current, replica_status
+
+    try:
+        with _redis(config, data_dir, redis_url) as client:
+            cur, replicas = current(client), replica_status(client)
+    except redis.RedisError as e:
+        raise _fail(f"Redis unavailable: {e}", 1) from None
+    if cur is None:
+        typer.echo("nothing published yet (replicas run their policy file)")
+    else:
+        typer.echo(
+            f"published: {cur['name']}@{cur['version']} digest {cur['digest'][:12]} by {cur.get('by')} "
+            f"from {cur.get('source')}"
+        )
+    table = Table(title="replicas")
+    for col in ("replica", "policy", "state", "digest", "issues"):
+        table.add_column(col, overflow="fold")
+    for name, st in sorted(replicas.items()):
+        digest = (st.get("digest") or "-")[:12]
+        table.add_row(name, st["policy"], st["state"], digest, "; ".join(st.get("issues", [])))
+    out.print(table)
+
+
+def _known_detectors(folder: Path | None) -> tuple[set[str] | None, str]:
+    from detectors.registry import available_detectors
+
+    if folder is None:
+        return _default_known_detectors()
+    if not folder.is_dir():
+        raise _fail(f"--detectors-dir: {folder} is not a directory")
+    return set(available_detectors(folder)), str(folder)
+
+
+def _redis(config: Path | None, data_dir: Path | None, redis_url: str | None) -> Any:
+    from monitor.redis_conn import open_redis
+    from monitor.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(config, data_dir=data_dir, redis_url=redis_url)
+    except SettingsError as e:
+        raise _fail(str(e)) from None
+    return open_redis(settings)

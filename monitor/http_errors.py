@@ -19,9 +19,11 @@ TYPES = {
     403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
+    502: "server_error",  # proxy mode: the upstream failed or is unreachable
     503: "server_error",
     504: "timeout_error",
 }

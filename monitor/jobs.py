@@ -42,6 +42,8 @@ class Done:
 @dataclass(frozen=True)
 class Failed:
     error: str
+    status: int = 500  # for the client: 502 when a proxied upstream failed
+    result: JobResult | None = None  # what happened before the failure (proxy mode), recorded
 
 
 class Channel:

@@ -5,6 +5,10 @@ stream's headers leave before the completion exists, so there it is the prompt-p
 final verdict is in the last chunk's `featurewatch` field. A block ends the output with
 `finish_reason: "content_filter"`, the policy message in `refusal` (chat) and no text from the token that
 triggered it (nor the held-back window before it).
+
+Proxy mode (`upstream_url` set): the same routes forward to the upstream server instead of generating,
+and stream its answer back through the monitor (`monitor.proxy`); responses, blocks and decision records
+look the same, with a `proxy` field in `featurewatch` naming the upstream.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from monitor.http_errors import APIError, error_body
 from monitor.jobs import Channel, Chunk, Done, EngineStopped, Failed, GenerationJob, JobResult, QueueFull
 from monitor.monitoring import RequestMonitor
 from monitor.openai_format import Call, chunk, data, final_chunk, full_body, usage
+from monitor.proxy import ProxyMonitor
+from monitor.proxy import start as start_proxy
 from monitor.runtime import Runtime
 from monitor.tenancy import tenant_of
 from monitor.versions import policy_versions
@@ -43,7 +49,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         ids = rt.lm.chat_ids(body.chat())
     except Exception as e:  # chat templates raise their own errors (role order, jinja)
         raise APIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
-    call = _start(rt, request, "chat", tenant, body.chat(), ids, body)
+    call = await _begin(rt, request, "chat", tenant, body.chat(), ids, body)
     return await _respond(rt, request, call)
 
 
@@ -55,12 +61,14 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     ids = rt.lm.tokenizer(body.text(), add_special_tokens=True)["input_ids"]
     if not ids:
         raise APIError(400, "prompt: must not be empty", param="prompt")
-    call = _start(rt, request, "text", tenant, [{"role": "user", "content": body.text()}], ids, body)
+    call = await _begin(rt, request, "text", tenant, [{"role": "user", "content": body.text()}], ids, body)
     return await _respond(rt, request, call)
 
 
 # ---- request set-up ---------------------------------------------------------------------------------
 def _check_model(rt: Runtime, model: str) -> None:
+    if rt.settings.upstream_url is not None:
+        return  # proxy mode: the upstream serves (and checks) the model, or `upstream_model` replaces it
     if model != rt.settings.model_name:
         raise APIError(
             404,
@@ -70,7 +78,7 @@ def _check_model(rt: Runtime, model: str) -> None:
         )
 
 
-def _start(
+async def _begin(
     rt: Runtime,
     request: Request,
     kind: str,
@@ -79,6 +87,7 @@ def _start(
     ids: list[int],
     body: ChatCompletionRequest | CompletionRequest,
 ) -> Call:
+    """Check the limits, then start generating here, or forwarding upstream in proxy mode."""
     s = rt.settings
     if len(ids) > rt.max_prompt_tokens:
         raise APIError(
@@ -92,6 +101,22 @@ def _start(
         raise APIError(
             400, f"max_tokens: {budget} is over the limit of {s.max_tokens_limit}", param="max_tokens"
         )
+    if s.upstream_url is not None:
+        return await start_proxy(rt, request, kind, tenant, messages, ids, body, budget)
+    return _start(rt, request, kind, tenant, messages, ids, body, budget)
+
+
+def _start(
+    rt: Runtime,
+    request: Request,
+    kind: str,
+    tenant: str | None,
+    messages: list[dict[str, str]],
+    ids: list[int],
+    body: ChatCompletionRequest | CompletionRequest,
+    budget: int,
+) -> Call:
+    s = rt.settings
     params = SamplingParams(
         max_tokens=budget,
         temperature=body.temperature,
@@ -158,7 +183,9 @@ async def _respond(rt: Runtime, request: Request, call: Call) -> Any:
             _record_later(rt, request, call)
             return JSONResponse(error_body(499, "client closed the request"), 499)
         if isinstance(item, Failed):
-            raise APIError(500, item.error)
+            if item.result is not None:
+                _record(rt, request, call, item.result)
+            raise APIError(item.status, item.error)
         if isinstance(item, Chunk):
             text.append(item.text)
             continue
@@ -188,7 +215,9 @@ async def _sse(rt: Runtime, request: Request, call: Call, first: Chunk | Done | 
         yield data(chunk(call, {"role": "assistant", "content": ""} if call.kind == "chat" else {"text": ""}))
         while item is not None:
             if isinstance(item, Failed):
-                yield data(error_body(500, item.error))
+                if item.result is not None:
+                    _record(rt, request, call, item.result)
+                yield data(error_body(item.status, item.error))
                 break
             if isinstance(item, Chunk):
                 delta = {"content": item.text} if call.kind == "chat" else {"text": item.text}
@@ -222,6 +251,8 @@ def _record_later(rt: Runtime, request: Request, call: Call) -> None:
                 _record(rt, request, call, item.result)
                 return
             if isinstance(item, Failed):
+                if item.result is not None:
+                    _record(rt, request, call, item.result)
                 return
 
     task = asyncio.get_running_loop().create_task(drain())
@@ -252,6 +283,10 @@ def _record(rt: Runtime, request: Request, call: Call, res: JobResult) -> None:
         completion=res.text,
         usage=usage(res),
         timings=res.timings(),
-        versions={**rt.versions, **policy_versions(mon.policy)},
+        versions={
+            **rt.versions,
+            **policy_versions(mon.policy),
+            **({"upstream": mon.upstream["upstream"]} if isinstance(mon, ProxyMonitor) else {}),
+        },
     )
     emit(request.app.state.sinks, ev)

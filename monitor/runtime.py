@@ -203,7 +203,7 @@ def load_runtime(settings: Settings) -> Runtime:
     rt = Runtime(settings, lm, monitor_sae, folder, dset, holder, engine, max_prompt)
     rt.versions = _versions(settings, lm, folder)
     engine.start()
-    if settings.policy_poll_s > 0:
+    if settings.policy_poll_s > 0 and settings.policy_source == "file":  # redis: monitor.policy_sync
         rt.watcher = holder.watch(settings.policy_poll_s)
     return rt
 

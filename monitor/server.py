@@ -17,8 +17,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from monitor.alerts import start_sidecar_alerts, stop_alert_consumers
 from monitor.events import Sink, log_sink
 from monitor.http_errors import APIError, error_body, install
+from monitor.redis_conn import start_keys
 from monitor.runtime import Runtime, load_runtime
 from monitor.settings import Settings
 from monitor.tenancy import tenant_of
@@ -91,6 +93,9 @@ def create_app(
         if audit is not None:
             app.state.sinks.append(audit)
         app.state.audit = audit
+        app.state.alerts = start_sidecar_alerts(settings, audit)  # alert consumers (monitor.alerts)
+        app.state.keys, close_keys = await start_keys(settings, audit)  # API keys (monitor.auth)
+        app.state.policy_sync = await _policy_sync(settings, rt, audit)  # policy_source: redis
         tel, reader = _telemetry(settings) if sinks is None else (None, None)
         if tel is not None:
             app.state.sinks.append(tel.sink)
@@ -103,10 +108,14 @@ def create_app(
                 if owned:
                     rt.close()
             finally:
+                if app.state.policy_sync is not None:
+                    app.state.policy_sync.stop()
+                stop_alert_consumers(app.state.alerts)  # before the store closes the Redis they read
                 if audit is not None:  # after the engine: the last decisions are written (or spooled)
                     audit.close()  # stays a sink: a decision arriving later goes to the spool
                 if tel is not None:
                     _close_telemetry(tel, reader)
+                close_keys()
 
     app = FastAPI(title="featurewatch", version=_version(), lifespan=lifespan)
     app.state.settings = settings
@@ -119,11 +128,20 @@ def create_app(
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"])
 
+    from monitor.routes_audit import router as audit_router
     from monitor.routes_generate import router as generate_router
     from monitor.routes_score import router as score_router
 
     app.include_router(generate_router)
     app.include_router(score_router)
+    app.include_router(audit_router)  # /v1/audit/... (monitor.routes_audit)
+    from monitor.routes_admin import router as admin_router
+
+    app.include_router(admin_router)  # /v1/admin/policy (monitor.routes_admin)
+    if settings.console_enabled:  # the audit console at /audit (monitor.console)
+        from monitor.console import install as install_console
+
+        install_console(app)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -166,6 +184,14 @@ def create_app(
 
     app.state.started = time.time()
     return app
+
+
+async def _policy_sync(settings: Settings, rt: Runtime, audit: Any) -> Any:
+    import asyncio
+
+    from monitor.policy_sync import start_policy_sync
+
+    return await asyncio.to_thread(start_policy_sync, settings, rt.holder, audit)
 
 
 def _open_audit(settings: Settings) -> Any:

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     detectors: list[str] | None = None  # reported on every request; default: the SAE's shipped detectors
     policy: Path | None = None  # default: the shipped policies/default.yaml
     policy_poll_s: float = Field(default=2.0, ge=0.0)  # 0 disables watching the policy file
+    # redis: follow the policy published to Redis (`featurewatch policy publish`, monitor.policy_sync); the
+    # file is then only the start-up fallback and is not watched.
+    policy_source: Literal["file", "redis"] = "file"
     monitoring: bool = True  # False: plain generation (for overhead benchmarks only)
     device: str = "auto"
     dtype: str = "auto"

