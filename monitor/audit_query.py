@@ -221,3 +221,21 @@ def alerts(
                     break
         top = str(entries[-1][0])
     return list(reversed(out))
+
+
+def parse_time(raw: str | None) -> float | None:
+    """Unix seconds or an ISO 8601 time (no zone = UTC; the console's datetime-local value too) -> unix
+    seconds; None or "" -> None. ValueError for anything else (callers name the field)."""
+    from datetime import UTC, datetime
+
+    if not raw:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(raw)
+    except ValueError:
+        raise ValueError(f"not unix seconds or an ISO 8601 time: {raw!r}") from None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()

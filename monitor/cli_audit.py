@@ -64,19 +64,12 @@ def _redis(config: Path | None) -> Iterator[tuple[Any, Any, Any]]:
 
 
 def _time(option: str, raw: str | None) -> float | None:
-    from datetime import UTC, datetime
+    from monitor.audit_query import parse_time
 
-    if not raw:
-        return None
     try:
-        return float(raw)
-    except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(raw)
-    except ValueError:
-        raise _fail(f"{option}: not unix seconds or an ISO 8601 time: {raw!r}") from None
-    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+        return parse_time(raw)
+    except ValueError as e:
+        raise _fail(f"{option}: {e}") from None
 
 
 def _filter(tenant: list[str] | None, start: str | None, end: str | None, **kw: Any) -> Any:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -21,7 +20,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from monitor.audit_query import MAX_LIMIT, AuditFilter, FilterError, Scan, alerts, query
+from monitor.audit_query import MAX_LIMIT, AuditFilter, FilterError, Scan, alerts, parse_time, query
 from monitor.auth import Principal, require
 from monitor.http_errors import APIError
 from monitor.replay import AUDITED_ONLY, ReplayContext, replay
@@ -86,17 +85,10 @@ Filters = Annotated[Params, Depends()]
 
 
 def _time(name: str, raw: str | None) -> float | None:
-    if raw is None or raw == "":
-        return None
     try:
-        return float(raw)
-    except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(raw)
-    except ValueError:
-        raise APIError(400, f"{name}: not unix seconds or an ISO 8601 time: {raw!r}", param=name) from None
-    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+        return parse_time(raw)
+    except ValueError as e:
+        raise APIError(400, f"{name}: {e}", param=name) from None
 
 
 def _scope(p: Principal, asked: list[str] | None) -> tuple[str, ...] | None:

@@ -133,11 +133,25 @@ def policy_issues(dset: DetectorSet) -> Any:
     return check
 
 
-def load_runtime(settings: Settings) -> Runtime:
+@dataclass(frozen=True)
+class Parts:
+    """What the sidecar and the scoring workers both load: model, SAE (on the model's device), its folder,
+    the detectors (every spec in the folder, so a reloaded policy may use any) and their valid names."""
+
+    lm: Any
+    sae: Any
+    folder: Path
+    dset: DetectorSet
+    valid: list[str]
+
+
+def load_parts(settings: Settings) -> Parts:
+    """Load and cross-check model, SAE and detectors; StartupError names the setting at fault."""
     from detectors.build import shipped_detectors
     from detectors.errors import DetectorError
     from detectors.registry import available_detectors, load_detectors
     from monitor.model import ModelLoadError, load_model
+    from sae_assets.dashboards import label_fn
     from sae_assets.hooks import layer_index
     from sae_assets.registry import resolve_sae_path
     from sae_assets.sae import SAE, SAEFormatError
@@ -179,9 +193,12 @@ def load_runtime(settings: Settings) -> Runtime:
         dets: dict[str, Detector] = load_detectors(valid, det_dir, sae, model=lm.model)
     except DetectorError as e:
         raise StartupError(f"detectors: {e}") from None
-    from sae_assets.dashboards import label_fn
+    return Parts(lm, sae, folder, DetectorSet.build(dets, report, label_fn(folder)), valid)
 
-    dset = DetectorSet.build(dets, report, label_fn(folder))
+
+def load_runtime(settings: Settings) -> Runtime:
+    parts = load_parts(settings)
+    lm, sae, folder, dset, valid = parts.lm, parts.sae, parts.folder, parts.dset, parts.valid
 
     try:
         holder = PolicyHolder(settings.policy_path(), set(valid), validate=policy_issues(dset))

@@ -49,40 +49,11 @@ class ScoringSetup:
 
 def load_setup(settings: Settings) -> ScoringSetup:
     """Load and check everything once; StartupError names the setting at fault (as `serve` does)."""
-    from detectors.build import shipped_detectors
-    from detectors.errors import DetectorError
-    from detectors.registry import available_detectors, load_detectors
-    from monitor.model import ModelLoadError, load_model
+    from monitor.runtime import load_parts
     from policies.loader import PolicyError
-    from sae_assets.dashboards import label_fn
-    from sae_assets.registry import resolve_sae_path
-    from sae_assets.sae import SAE, SAEFormatError
 
-    try:
-        folder = resolve_sae_path(settings.sae)
-        sae = SAE.load(folder)
-    except (FileNotFoundError, SAEFormatError) as e:
-        raise StartupError(f"sae: {e}") from None
-    try:
-        lm = load_model(
-            settings.model, device=settings.device, dtype=settings.dtype, root=settings.resolved_data_dir()
-        )
-    except ModelLoadError as e:
-        raise StartupError(f"model: {e}") from None
-    if sae.d_in != lm.hidden_size:
-        raise StartupError(f"sae: {settings.sae!r} reads width {sae.d_in}, the model has {lm.hidden_size}")
-    sae = sae.to(lm.device)
-    det_dir = folder / "detectors"
-    valid = available_detectors(det_dir) if det_dir.is_dir() else []
-    try:
-        report = settings.detectors if settings.detectors is not None else shipped_detectors(det_dir)
-        unknown = [n for n in report if n not in valid]
-        if unknown:
-            raise DetectorError(f"unknown detector(s) {', '.join(unknown)}; valid: {', '.join(valid) or '-'}")
-        dets = load_detectors(valid, det_dir, sae, model=lm.model)  # every one: requests may name any
-    except DetectorError as e:
-        raise StartupError(f"detectors: {e}") from None
-    dset = DetectorSet.build(dets, report, label_fn(folder))
+    parts = load_parts(settings)
+    lm, sae, folder, dset, valid = parts.lm, parts.sae, parts.folder, parts.dset, parts.valid
     if settings.policy is None:
         return ScoringSetup(lm, sae, folder, dset, None)
     try:

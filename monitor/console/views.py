@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
 from monitor.audit_query import ACTIONS, REVIEW_FILTERS
+from monitor.audit_query import parse_time as _parse_time
 
 SCORE_BUCKETS = 10  # colour steps: class s0 (score < 0.05) .. s10 (score >= 0.95)
 REVIEW_TEXT = {
@@ -47,14 +47,8 @@ def fmt_time(ts: float | None) -> str:
 
 def parse_time(raw: str | None) -> float | None:
     """A datetime-local value (UTC) or unix seconds -> unix seconds; empty or invalid -> None."""
-    if not raw:
-        return None
     try:
-        return float(raw)
-    except ValueError:
-        pass
-    try:
-        return datetime.strptime(raw, TIME_INPUT).replace(tzinfo=UTC).timestamp()
+        return _parse_time(raw)
     except ValueError:
         return None
 
