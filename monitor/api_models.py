@@ -14,18 +14,46 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
+# torch's generator takes a 64-bit seed: a larger one would fail the whole batch it was generated in
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
-class TextPart(BaseModel):
+def unicode_text(value: Any) -> Any:
+    """`value` unchanged, or ValueError when a string in it is not text. JSON may escape half a UTF-16
+    surrogate pair (`"\\ud800"`) and Python's parser accepts it, but no tokenizer, UTF-8 log line or Redis
+    write can take it later, so requests carrying one are refused up front (400 naming the field)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("not valid Unicode text (a lone surrogate escape such as \\ud800)") from None
+    elif isinstance(value, list):
+        for item in value:
+            unicode_text(item)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            unicode_text(k)
+            unicode_text(v)
+    return value
+
+
+class StrictBody(BaseModel):
+    """A request body part: unknown fields and non-text strings are refused."""
+
     model_config = ConfigDict(extra="forbid")
 
+    @field_validator("*")
+    @classmethod
+    def _text(cls, v: Any) -> Any:
+        return unicode_text(v)
+
+
+class TextPart(StrictBody):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ChatMessage(StrictBody):
     role: Role
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -40,16 +68,12 @@ class ChatMessage(BaseModel):
         return "".join(p.text for p in self.content)
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class StreamOptions(StrictBody):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class _Sampling(StrictBody):
     """Fields shared by both endpoints."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -57,7 +81,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     n: int = Field(default=1, ge=1)
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -150,11 +174,9 @@ class CompletionRequest(_Sampling):
         return self.max_tokens
 
 
-class ScoreRequest(BaseModel):
+class ScoreRequest(StrictBody):
     """Shadow mode: a conversation produced elsewhere (OpenAI chat format, last assistant turn = the
     monitored completion), or a bare text."""
-
-    model_config = ConfigDict(extra="forbid")
 
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     text: str | None = None

@@ -2,7 +2,8 @@
 
 Options override FEATUREWATCH_* environment variables, which override the YAML file (`--config`). The
 effective settings are printed (secrets masked) before the model loads. Exit 2 on invalid settings, 1 when
-start-up fails (model, SAE, detectors or policy), naming the setting at fault.
+start-up fails (model, SAE, detectors or policy, naming the setting at fault; or the port). SIGTERM drains
+and exits 0 (`monitor.lifecycle`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def serve(
 
     import uvicorn
 
+    from monitor.lifecycle import HALT_WAIT_S, GracefulServer
     from monitor.runtime import StartupError, load_runtime
     from monitor.server import create_app
 
@@ -64,10 +66,21 @@ def serve(
         ),
         soft_wrap=True,
     )
-    # uvicorn handles SIGTERM/SIGINT: stop accepting, finish open requests, run the lifespan shutdown
-    # (which closes the runtime), then exit by re-raising the signal.
+    # SIGTERM/SIGINT drain first (monitor.lifecycle: 503 for new requests, in-flight ones finish within
+    # shutdown_grace_s), then uvicorn stops and the lifespan closes the runtime and flushes the audit trail.
     app = create_app(settings, runtime, close_runtime=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uv_config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(HALT_WAIT_S),  # after the drain: anything left is cancelled
+    )
+    server = GracefulServer(uv_config, app.state.lifecycle)
+    server.run()
+    if not server.started:  # e.g. the port is taken (uvicorn logged why)
+        err.print(Text.assemble(("error:", "red"), f" cannot serve on {settings.host}:{settings.port}"))
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

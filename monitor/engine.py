@@ -10,6 +10,10 @@ Per token, before it is emitted: the row's monitor scores it; a block verdict wi
 with `content_filter`; a steer verdict sets the row's clamps from the next pass on. With `hold_back` > 0 the
 last tokens are kept back from the client, so a rule that needs a few tokens to fire (sustained over n)
 withholds all of them; a block drops them (the cost: `hold_back` tokens of extra latency).
+
+Shutdown (`monitor.lifecycle`): running and queued generations normally finish; `halt()` (the drain's
+grace period is over) ends each at its next token with `finish_reason` "shutdown", delivered as a 503
+`Failed` that carries the result, so the client is told why and the decision is still recorded.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from monitor.monitoring import DetectorSet
 from sae_assets.hooks import Steering
 
 log = logging.getLogger(__name__)
+SHUTDOWN_MESSAGE = "the server is shutting down: generation was stopped at the end of its grace period"
 
 
 class Engine:
@@ -54,6 +59,7 @@ class Engine:
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._deferred: deque[Job] = deque()
         self._stop = threading.Event()
+        self._halt = threading.Event()  # shutdown past its grace period: generations end at once
         self._thread: threading.Thread | None = None
         self.busy = False
         self.batches = 0  # counters for /metrics and tests
@@ -75,6 +81,11 @@ class Engine:
             self._thread.join(timeout)
         for job in [*self._deferred, *self._drain()]:
             self._fail(job, "the server is shutting down")
+
+    def halt(self) -> None:
+        """End every running generation at its next token, and queued ones as they start (finish_reason
+        "shutdown"); the engine keeps running so they finish and their decisions are recorded."""
+        self._halt.set()
 
     @property
     def queued(self) -> int:
@@ -208,6 +219,8 @@ class Engine:
             job._stopped = "cancelled"
         elif job.deadline is not None and time.monotonic() > job.deadline:
             job._stopped = "timeout"
+        elif self._halt.is_set():
+            job._stopped = "shutdown"
         return job._stopped is not None
 
     def _finish(self, job: GenerationJob, res: SequenceResult, started: float, batch_size: int) -> None:
@@ -220,24 +233,21 @@ class Engine:
                 job.monitor.blocked_at = len(job.monitor.tokens)
         job.flush(drop=reason == "content_filter")  # held-back tokens that led up to a block: never sent
         now = time.monotonic()
-        job.channel.put(
-            Done(
-                JobResult(
-                    finish_reason=reason,
-                    text="".join(job._sent),
-                    prompt_tokens=res.prompt_tokens,
-                    completion_tokens=len(job._sent),
-                    monitor=job.monitor,
-                    queued_s=started - job.submitted,
-                    first_token_s=None if job._first is None else job._first - job.submitted,
-                    total_s=now - job.submitted,
-                    batch_size=batch_size,
-                    prefill_s=None if job._prefilled is None else job._prefilled - started,
-                    monitor_s=job.monitor.seconds if job.monitor is not None else 0.0,
-                    policy_s=job.monitor.policy_seconds if job.monitor is not None else 0.0,
-                )
-            )
+        result = JobResult(
+            finish_reason=reason,
+            text="".join(job._sent),
+            prompt_tokens=res.prompt_tokens,
+            completion_tokens=len(job._sent),
+            monitor=job.monitor,
+            queued_s=started - job.submitted,
+            first_token_s=None if job._first is None else job._first - job.submitted,
+            total_s=now - job.submitted,
+            batch_size=batch_size,
+            prefill_s=None if job._prefilled is None else job._prefilled - started,
+            monitor_s=job.monitor.seconds if job.monitor is not None else 0.0,
+            policy_s=job.monitor.policy_seconds if job.monitor is not None else 0.0,
         )
+        job.channel.put(Failed(SHUTDOWN_MESSAGE, 503, result) if reason == "shutdown" else Done(result))
 
     def _finish_unstarted(self, job: GenerationJob, reason: str) -> None:
         now = time.monotonic()

@@ -62,7 +62,7 @@ class Channel:
 
 @dataclass
 class JobResult:
-    finish_reason: str  # stop | length | content_filter | cancelled | timeout
+    finish_reason: str  # stop | length | content_filter | cancelled | timeout | shutdown
     text: str  # what was sent to the client
     prompt_tokens: int
     completion_tokens: int  # tokens whose text was sent

@@ -29,7 +29,10 @@ from typing import Any
 
 import redis
 
-TENANT_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")  # also monitor.tenancy.TENANT_RE (the header's rule)
+# Also monitor.tenancy.TENANT_RE (the header's rule). Not "-" alone: that is the audit index's name for
+# requests without a tenant (monitor.audit_record.NO_TENANT), so such a tenant would read theirs.
+TENANT_RE = re.compile(r"^(?!-$)[A-Za-z0-9_.:-]{1,64}$")
+TENANT_RULE = "1-64 characters of A-Z a-z 0-9 _ . : - (not '-' alone)"
 ROLES = ("client", "reviewer", "admin")
 ALL_TENANTS = "*"  # admin keys only: every tenant
 KEY_PREFIX = "fw_"
@@ -93,7 +96,7 @@ def validate(role: str, tenants: tuple[str, ...] | list[str], name: str | None =
             raise KeyInputError("tenant", "'*' already means every tenant; name no others with it")
     bad = [t for t in uniq if t != ALL_TENANTS and not TENANT_RE.match(t)]
     if bad:
-        raise KeyInputError("tenant", f"{bad[0]!r}: 1-64 characters of A-Z a-z 0-9 _ . : -")
+        raise KeyInputError("tenant", f"{bad[0]!r}: {TENANT_RULE}")
     if role == "client" and len(uniq) != 1:
         raise KeyInputError(
             "tenant", "a client key has exactly one tenant (its requests are recorded under it)"

@@ -22,6 +22,7 @@ import torch
 
 from detectors.aggregate import Aggregation, RunningAggregate, aggregate
 from detectors.base import Detector, TokenFeatures
+from monitor.conversation import History
 from policies.evaluate import Phase, PolicyState, Verdict
 from policies.schema import Policy
 
@@ -110,6 +111,8 @@ class RequestMonitor:
     tenant: str | None = None
     route: str | None = None
     evidence_k: int = 3  # watched latents kept per token for the audit trail
+    # The request's conversation: its earlier turns (loaded before generation), for conversation rules.
+    conversation: History | None = None
     state: PolicyState = field(init=False)
     names: list[str] = field(init=False)
     prompt_verdict: Verdict | None = None
@@ -134,6 +137,8 @@ class RequestMonitor:
             thresholds=self.dset.thresholds,
             clamps=self.dset.clamps,
             aggregations=self.dset.aggregations,
+            conversation=self.conversation.scores() if self.conversation is not None else None,
+            conversation_error=self.conversation.error if self.conversation is not None else None,
         )
         self.names = self.dset.scored_for(self.policy)
 
@@ -256,7 +261,24 @@ class RequestMonitor:
             "blocked_at": self.blocked_at,
             "message": v.message,
             **({"detector_errors": dict(self.errors)} if self.errors else {}),
+            **({"conversation": self._conversation_summary()} if self.conversation is not None else {}),
         }
+
+    def turn_scores(self) -> dict[str, float] | None:
+        """This turn's score per detector (its own aggregation over the completion), as a conversation
+        stores it; None when no completion token was scored (such a turn is not stored)."""
+        return {k: a.value for k, a in self.values.items()} if self.tokens else None
+
+    def _conversation_summary(self) -> dict[str, Any]:
+        """`{id, turns, scores: {detector: [score per turn, oldest first, this one last]}}`."""
+        assert self.conversation is not None
+        scores = {k: list(v) for k, v in self.conversation.scores().items()}
+        for k, v in (self.turn_scores() or {}).items():
+            scores.setdefault(k, []).append(v)
+        turns = len(self.conversation.turns) + (1 if self.tokens else 0)
+        error = {"error": self.conversation.error} if self.conversation.error else {}
+        rounded = {k: [round(x, 4) for x in v] for k, v in scores.items()}
+        return {"id": self.conversation.id, "turns": turns, "scores": rounded, **error}
 
     def evidence(self) -> list[dict[str, Any]]:
         """Per completion token: scores and top watched latents (the audit trail's sparse evidence)."""

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
+from monitor.conversation import History
 from monitor.generate import SamplingParams
 from monitor.http_errors import APIError
 from monitor.jobs import CallJob, Channel, Done, EngineStopped, Failed, GenerationJob, JobResult, QueueFull
@@ -95,16 +96,26 @@ async def start(
     ids: list[int],
     body: Any,
     budget: int,
+    conversation: History | None = None,
 ) -> Call:
     """Monitor the prompt, open the upstream stream and start pumping it; the routes respond from the
-    returned call. Errors before anything is streamed (429, upstream refused or down) raise APIError."""
+    returned call. Errors before anything is streamed (429, upstream refused or down) raise APIError.
+    `conversation`: the earlier turns of the request's conversation, for conversation-scope rules."""
     s = rt.settings
     upstream = Upstream(s)
     payload = upstream.payload(kind, body, budget)
     route = request.url.path
     info = {"upstream": upstream.name, "model": str(payload["model"])}
     monitor = (
-        ProxyMonitor(rt.dset, rt.policy, tenant, route, evidence_k=s.evidence_top_k, upstream=info)
+        ProxyMonitor(
+            rt.dset,
+            rt.policy,
+            tenant,
+            route,
+            evidence_k=s.evidence_top_k,
+            conversation=conversation,
+            upstream=info,
+        )
         if s.monitoring
         else None
     )

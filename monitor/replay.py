@@ -19,6 +19,7 @@ What the trail cannot tell, each such row says in its `note`:
 - A detector the draft reads but the live server did not score has no stored scores: its rules are left
   out of that row's replay. A detector that failed live is replayed as failed from the start.
 - Scores are stored rounded to 4 decimals: a value within 5e-5 of a threshold may decide differently.
+- `scope: conversation` rules are judged on the record's own turn only: earlier turns are not replayed.
 """
 
 from __future__ import annotations
@@ -118,6 +119,11 @@ def replay_record(policy: Policy, rec: dict[str, Any], ctx: ReplayContext) -> Re
     recorded = set(prompt_scores) | set(errors) | {d for tok in evidence for d in tok.get("scores", {})}
     policy = _without_unrecorded(policy, tenant, route, recorded, notes)
     notes += _prompt_notes(policy, tenant, route, ctx)
+    conv = [r.id for r in policy.rules if r.scope == "conversation" and r.applies_to(tenant, route)]
+    if conv:
+        notes.append(
+            f"conversation rule(s) {', '.join(conv)} judged on this turn only (earlier turns not replayed)"
+        )
     if errors:
         notes.append(
             f"detector(s) {', '.join(sorted(errors))} failed live: replayed as failed from the start"
@@ -223,7 +229,7 @@ def _prompt_notes(policy: Policy, tenant: str | None, route: str | None, ctx: Re
 
 
 def _prompt_exact(rule: Rule, ctx: ReplayContext) -> bool:
-    if rule.scope == "completion":
+    if rule.scope in ("completion", "conversation"):  # they read no prompt scores
         return True
     if rule.scope == "both" or rule.min_tokens > 1:
         return False

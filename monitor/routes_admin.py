@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from monitor.auth import Principal, require
-from monitor.http_errors import APIError
+from monitor.http_errors import APIError, raw_body
 from monitor.runtime import Runtime
 
 router = APIRouter()
@@ -44,7 +44,7 @@ async def get_policy(request: Request, p: Admin) -> dict[str, Any]:
     return out
 
 
-@router.put("/v1/admin/policy")
+@router.put("/v1/admin/policy", openapi_extra=raw_body("text/plain", "application/yaml", "application/json"))
 async def put_policy(request: Request, p: Admin) -> dict[str, Any]:
     from monitor.policy_sync import PolicyPublishError, publish_policy
 

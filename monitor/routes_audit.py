@@ -18,11 +18,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from monitor.api_models import StrictBody
 from monitor.audit_query import MAX_LIMIT, AuditFilter, FilterError, Scan, alerts, parse_time, query
 from monitor.auth import Principal, require
-from monitor.http_errors import APIError
+from monitor.http_errors import APIError, content, raw_body
 from monitor.replay import AUDITED_ONLY, ReplayContext, replay
 from monitor.reviews import MAX_COMMENT_CHARS, Reviews, UnknownRecord, summary
 from policies.loader import PolicyIssue, check_policy
@@ -39,9 +40,7 @@ Reader = Annotated[Principal, Depends(require("audit:read"))]
 Labeller = Annotated[Principal, Depends(require("audit:label"))]
 
 
-class ReviewBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ReviewBody(StrictBody):
     verdict: Literal["tp", "fp", "escalate"]
     comment: str = Field(default="", max_length=MAX_COMMENT_CHARS)
 
@@ -184,7 +183,7 @@ def list_alerts(
     return {"object": "list", "data": alerts(client, keys, _scope(p, tenant), count)}
 
 
-@router.get("/export")
+@router.get("/export", responses={200: {"content": content("application/x-ndjson")}})
 def export(request: Request, params: Filters, p: Reader) -> StreamingResponse:
     """Every matching record (limit and offset ignored) as JSON Lines, newest first, streamed."""
     client, keys = _redis(request)
@@ -199,7 +198,7 @@ def export(request: Request, params: Filters, p: Reader) -> StreamingResponse:
 
 
 # ---- replay --------------------------------------------------------------------------------------
-@router.post("/replay")
+@router.post("/replay", openapi_extra=raw_body("text/plain", "application/yaml", "application/json"))
 async def replay_draft(request: Request, params: Filters, p: Reader) -> Any:
     """Replay a draft policy over the matching records (default the latest 200). Body: the policy as
     YAML text, or JSON: `{"policy": "<yaml text>" | {…policy…}}` or the policy object itself."""

@@ -9,6 +9,10 @@ triggered it (nor the held-back window before it).
 Proxy mode (`upstream_url` set): the same routes forward to the upstream server instead of generating,
 and stream its answer back through the monitor (`monitor.proxy`); responses, blocks and decision records
 look the same, with a `proxy` field in `featurewatch` naming the upstream.
+
+Shared state (`monitor.shared_state`): rate limits are checked before a request starts (429 with
+`Retry-After`) and its tokens charged when it ends; a request naming a conversation has its earlier
+turns loaded before generating and its own turn stored before the response ends (proxy mode: not yet).
 """
 
 from __future__ import annotations
@@ -23,24 +27,27 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from monitor.api_models import ChatCompletionRequest, CompletionRequest
+from monitor.conversation import History, conversation_id
 from monitor.events import DecisionEvent, emit
 from monitor.generate import SamplingParams
-from monitor.http_errors import APIError, error_body
+from monitor.http_errors import APIError, content, error_body
 from monitor.jobs import Channel, Chunk, Done, EngineStopped, Failed, GenerationJob, JobResult, QueueFull
 from monitor.monitoring import RequestMonitor
 from monitor.openai_format import Call, chunk, data, final_chunk, full_body, usage
 from monitor.proxy import ProxyMonitor
 from monitor.proxy import start as start_proxy
 from monitor.runtime import Runtime
+from monitor.shared_state import shared_of
 from monitor.tenancy import tenant_of
 from monitor.versions import policy_versions
 
 router = APIRouter()
 VERDICT_HEADER = "x-featurewatch-verdict"
+STREAMED: dict[int | str, Any] = {200: {"content": content("text/event-stream")}}  # stream: true (OpenAPI)
 DISCONNECT_POLL_S = 0.25
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None, responses=STREAMED)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     rt: Runtime = request.app.state.runtime
     tenant = tenant_of(request)
@@ -53,7 +60,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     return await _respond(rt, request, call)
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, responses=STREAMED)
 async def completions(body: CompletionRequest, request: Request) -> Any:
     rt: Runtime = request.app.state.runtime
     tenant = tenant_of(request)
@@ -101,9 +108,16 @@ async def _begin(
         raise APIError(
             400, f"max_tokens: {budget} is over the limit of {s.max_tokens_limit}", param="max_tokens"
         )
+    shared = shared_of(request)
+    conversation: History | None = None
+    if shared is not None:
+        conv_id = conversation_id(request.headers, body.metadata)  # 400 when malformed
+        await shared.admit(request, tenant)  # rate limits: 429 / 503
+        if s.monitoring:
+            conversation = await shared.history(tenant, conv_id)
     if s.upstream_url is not None:
-        return await start_proxy(rt, request, kind, tenant, messages, ids, body, budget)
-    return _start(rt, request, kind, tenant, messages, ids, body, budget)
+        return await start_proxy(rt, request, kind, tenant, messages, ids, body, budget, conversation)
+    return _start(rt, request, kind, tenant, messages, ids, body, budget, conversation)
 
 
 def _start(
@@ -115,6 +129,7 @@ def _start(
     ids: list[int],
     body: ChatCompletionRequest | CompletionRequest,
     budget: int,
+    conversation: History | None = None,
 ) -> Call:
     s = rt.settings
     params = SamplingParams(
@@ -127,7 +142,9 @@ def _start(
     route = request.url.path
     policy = rt.policy  # pinned for the whole request, even if a reload lands meanwhile
     monitor = (
-        RequestMonitor(rt.dset, policy, tenant, route, evidence_k=s.evidence_top_k) if s.monitoring else None
+        RequestMonitor(rt.dset, policy, tenant, route, s.evidence_top_k, conversation)
+        if s.monitoring
+        else None
     )
     job = GenerationJob(
         list(ids),
@@ -184,13 +201,13 @@ async def _respond(rt: Runtime, request: Request, call: Call) -> Any:
             return JSONResponse(error_body(499, "client closed the request"), 499)
         if isinstance(item, Failed):
             if item.result is not None:
-                _record(rt, request, call, item.result)
+                await _record(rt, request, call, item.result)
             raise APIError(item.status, item.error)
         if isinstance(item, Chunk):
             text.append(item.text)
             continue
         res = item.result
-        _record(rt, request, call, res)
+        await _record(rt, request, call, res)
         if res.finish_reason == "timeout":
             raise APIError(504, f"generation took longer than {rt.settings.request_timeout_s} s")
         body = full_body(call, res)
@@ -216,7 +233,7 @@ async def _sse(rt: Runtime, request: Request, call: Call, first: Chunk | Done | 
         while item is not None:
             if isinstance(item, Failed):
                 if item.result is not None:
-                    _record(rt, request, call, item.result)
+                    await _record(rt, request, call, item.result)
                 yield data(error_body(item.status, item.error))
                 break
             if isinstance(item, Chunk):
@@ -226,7 +243,7 @@ async def _sse(rt: Runtime, request: Request, call: Call, first: Chunk | Done | 
                 continue
             res = item.result
             done = True
-            _record(rt, request, call, res)
+            await _record(rt, request, call, res)
             if res.finish_reason == "timeout":
                 yield data(error_body(504, f"generation took longer than {rt.settings.request_timeout_s} s"))
                 break
@@ -248,11 +265,11 @@ def _record_later(rt: Runtime, request: Request, call: Call) -> None:
         while True:
             item = await call.job.channel.get()
             if isinstance(item, Done):
-                _record(rt, request, call, item.result)
+                await _record(rt, request, call, item.result)
                 return
             if isinstance(item, Failed):
                 if item.result is not None:
-                    _record(rt, request, call, item.result)
+                    await _record(rt, request, call, item.result)
                 return
 
     task = asyncio.get_running_loop().create_task(drain())
@@ -263,11 +280,18 @@ def _record_later(rt: Runtime, request: Request, call: Call) -> None:
 _pending: set[asyncio.Task[None]] = set()
 
 
-def _record(rt: Runtime, request: Request, call: Call, res: JobResult) -> None:
-    """Hand the decision to the sinks (audit trail, traces): every monitored request, whatever its verdict."""
-    mon = res.monitor
-    if mon is None:
-        return
+async def _record(rt: Runtime, request: Request, call: Call, res: JobResult) -> None:
+    """Hand the decision to the sinks (audit trail, traces): every monitored request, whatever its verdict;
+    then store its conversation turn and charge its tokens (shared state)."""
+    if res.monitor is not None:
+        _emit(rt, request, call, res, res.monitor)
+    shared = shared_of(request)
+    if shared is not None:
+        tokens = res.prompt_tokens + res.completion_tokens
+        await shared.finished(request, call.tenant, call.request_id, res.monitor, tokens)
+
+
+def _emit(rt: Runtime, request: Request, call: Call, res: JobResult, mon: RequestMonitor) -> None:
     summary = mon.summary()
     ev = DecisionEvent(
         request_id=call.request_id,

@@ -63,7 +63,8 @@ def derived_hold_back(policy: Policy) -> int:
     count_over (capped: the latency cost is this many tokens)."""
     need = 0
     for rule in policy.rules:
-        if not rule.enabled or rule.action != "block" or rule.scope == "prompt":
+        # conversation rules count turns, not tokens: a block there fires on the turn's first scored token
+        if not rule.enabled or rule.action != "block" or rule.scope in ("prompt", "conversation"):
             continue
         need = max(need, rule.min_tokens - 1)
         agg = rule.aggregation

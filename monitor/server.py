@@ -15,14 +15,16 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from monitor.alerts import start_sidecar_alerts, stop_alert_consumers
 from monitor.events import Sink, log_sink
-from monitor.http_errors import APIError, error_body, install
+from monitor.http_errors import APIError, content, error_body, install
 from monitor.redis_conn import start_keys
 from monitor.runtime import Runtime, load_runtime
 from monitor.settings import Settings
+from monitor.shared_state import open_shared
 from monitor.tenancy import tenant_of
 
 log = logging.getLogger("featurewatch.server")
@@ -50,7 +52,7 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge
+                    raise _TooLarge(self.limit)
             return msg
 
         try:
@@ -59,12 +61,20 @@ class BodyLimit:
             await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
-        resp = JSONResponse(error_body(413, f"request body over the limit of {self.limit} bytes"), 413)
+        resp = JSONResponse(error_body(413, _too_large(self.limit)), 413)
         await resp({"type": "http"}, _no_receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+def _too_large(limit: int) -> str:
+    return f"request body over the limit of {limit} bytes"
+
+
+class _TooLarge(StarletteHTTPException):
+    """Raised while a body without Content-Length streams in. An HTTPException, so the route's body
+    parsing (which turns other exceptions into "error parsing the body") lets it through as the 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, _too_large(limit))
 
 
 async def _no_receive() -> Message:
@@ -95,6 +105,7 @@ def create_app(
         app.state.audit = audit
         app.state.alerts = start_sidecar_alerts(settings, audit)  # alert consumers (monitor.alerts)
         app.state.keys, close_keys = await start_keys(settings, audit)  # API keys (monitor.auth)
+        app.state.shared, close_keys = open_shared(settings, audit, close_keys)  # conversations, rate limits
         app.state.policy_sync = await _policy_sync(settings, rt, audit)  # policy_source: redis
         tel, reader = _telemetry(settings) if sinks is None else (None, None)
         if tel is not None:
@@ -122,11 +133,22 @@ def create_app(
     app.state.sinks = [log_sink] if sinks is None else list(sinks)
     app.state.ready = False
     install(app)
+    from monitor.lifecycle import install as install_lifecycle  # drain on SIGTERM, audit fail-closed
+
+    install_lifecycle(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"])
+        # Browsers preflight a JSON POST with a key (content-type, authorization): allow the headers asked
+        # for, and let scripts read the verdict. No credentials (cookies): the console is same-origin only.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["x-featurewatch-verdict", "retry-after"],
+        )
 
     from monitor.routes_audit import router as audit_router
     from monitor.routes_generate import router as generate_router
@@ -143,7 +165,7 @@ def create_app(
 
         install_console(app)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"content": content("text/plain")}})
     async def metrics() -> Response:
         """Prometheus text format: request duration, time to first token and per output token,
         detections by detector and action, monitoring overhead (see monitor.otel_names)."""

@@ -14,7 +14,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,6 +27,15 @@ _yaml_path: ContextVar[Path | None] = ContextVar("featurewatch_yaml_path", defau
 
 class SettingsError(ValueError):
     """Invalid settings; the message names every field at fault."""
+
+
+class TenantLimits(BaseModel):
+    """One tenant's rate limits, overriding `rate_limit_rpm` / `rate_limit_tpm` (None: the default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rpm: int | None = Field(default=None, ge=0)
+    tpm: int | None = Field(default=None, ge=0)
 
 
 class Settings(BaseSettings):
@@ -100,6 +109,28 @@ class Settings(BaseSettings):
     upstream_api_key: SecretStr | None = None  # sent upstream as Authorization: Bearer
     upstream_model: str | None = None  # model name sent upstream; default: the client's
     upstream_timeout_s: float = Field(default=120.0, gt=0)
+    # ---- scale-out: state shared by replicas through Redis (monitor.conversation, monitor.ratelimit) ----
+    # Per-conversation risk state for `scope: conversation` rules; a request names its conversation with
+    # the x-featurewatch-conversation header or metadata.conversation_id.
+    conversation_state: bool = True  # off: conversation ids are ignored (rules see the current turn only)
+    conversation_ttl_s: int = Field(default=86400, ge=1)  # state kept this long after the last turn, s
+    conversation_max_turns: int = Field(default=50, ge=1)  # newest turns kept (and aggregated)
+    # Rate limits (GCRA), shared by every replica; 0 = no limit. Tokens = prompt + completion, charged when
+    # a request ends (the request after the one that crossed the limit is refused).
+    rate_limit_rpm: int = Field(default=0, ge=0)  # requests per minute, per tenant
+    rate_limit_tpm: int = Field(default=0, ge=0)  # tokens per minute, per tenant
+    rate_limit_key_rpm: int = Field(default=0, ge=0)  # requests per minute, per API key
+    rate_limit_key_tpm: int = Field(default=0, ge=0)  # tokens per minute, per API key
+    rate_limit_tenants: dict[str, TenantLimits] = Field(default_factory=dict)  # per-tenant rpm/tpm overrides
+    # Redis unreachable: "open" admits (logged), "closed" answers 503.
+    rate_limit_fail: Literal["open", "closed"] = "open"
+    # ---- lifecycle and audit failures ([7/7], monitor.lifecycle) ------------------------------------
+    # SIGTERM: new requests get 503 and in-flight ones may finish for this many seconds; those still
+    # running then end with a 503 error naming the shutdown (their decisions are recorded). 0: at once.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # A record that neither Redis nor the disk spool can take is lost (logged by id, counted). open: keep
+    # serving; closed: generation requests get 503 until records can be stored or spooled again.
+    audit_failure_mode: Literal["open", "closed"] = "open"
 
     @field_validator(
         "served_model_name",

@@ -16,7 +16,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +28,39 @@ class Spool:
         self.cursor_file = folder / "audit.cursor"
         self._lock = threading.Lock()  # appends come from the writer thread and, on overflow, the loop
         self.corrupt = 0  # undecodable lines skipped (a torn write from a crash)
+        self.high_water = 0  # most bytes ever waiting for replay (for /metrics and the fault benchmark)
         self._end_torn_line()
 
     # ---- writing ------------------------------------------------------------------------------------
     def append(self, record: dict[str, Any]) -> None:
         """Append one record durably (fsync). Raises OSError when the disk cannot take it."""
         line = (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
-        with self._lock, self.file.open("ab") as f:
-            f.write(line)
+        with self._lock:
+            with _open(self.file, "ab") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+                size = f.tell()
+            self.high_water = max(self.high_water, size - self._cursor())
+
+    def probe(self) -> None:
+        """Check that a record could be appended now (a small file written, fsync'd and removed in the
+        spool folder); raises OSError when not (disk full, not a folder, read-only)."""
+        probe = self.file.with_name(".probe")
+        with _open(probe, "wb") as f:
+            f.write(b"probe\n")
             f.flush()
             os.fsync(f.fileno())
+        probe.unlink()
 
     # ---- replay -------------------------------------------------------------------------------------
     def pending(self) -> bool:
+        return self.pending_bytes() > 0
+
+    def pending_bytes(self) -> int:
+        """Bytes of records not yet replayed into Redis (raises OSError when the spool cannot be read)."""
         with self._lock:
-            return self._size() > self._cursor()
+            return max(0, self._size() - self._cursor())
 
     def replay(self, write: Callable[[list[dict[str, Any]]], None], batch: int = 64) -> int:
         """Feed spooled records to `write`, in order, `batch` lines at a time; returns how many were
@@ -132,3 +150,12 @@ class Spool:
                 f.write(b"\n")
                 f.flush()
                 os.fsync(f.fileno())
+
+
+def _open(path: Path, mode: str) -> IO[bytes]:
+    """Open for writing; a spool folder that was removed (a cleaned data dir) is made again."""
+    try:
+        return path.open(mode)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open(mode)

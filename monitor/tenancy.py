@@ -17,7 +17,7 @@ from fastapi import Request
 
 from monitor.auth import Principal, bearer_token, keys_configured, principal_for_key, unauthorized
 from monitor.http_errors import APIError
-from monitor.keystore import TENANT_RE
+from monitor.keystore import TENANT_RE, TENANT_RULE
 
 __all__ = ["TENANT_RE", "caller", "tenant_of"]
 
@@ -63,5 +63,5 @@ def _header_tenant(request: Request) -> str | None:
     if raw is None:
         return None
     if not TENANT_RE.match(raw):
-        raise APIError(400, f"{header}: 1-64 characters of A-Z a-z 0-9 _ . : -")
+        raise APIError(400, f"{header}: {TENANT_RULE}", param=header)
     return raw

@@ -6,6 +6,8 @@ raw token scores itself, so rules with different aggregations on one detector co
 the prompt scores followed by the completion scores. Anything that prevents deciding a rule (a failed or
 missing detector, a non-finite score, no calibrated threshold or steering clamps to resolve) is a detector
 error: the rule takes `defaults.action_on_detector_error` (block unless the policy says allow).
+Scope `conversation` aggregates per-turn scores over a conversation (`policies.conversation`): its
+earlier turns come in as a `conversation` Finding, the current turn is the completion's.
 
 `PolicyState` is the streaming twin: fed one token score at a time, its verdict after each token equals
 `evaluate` over the scores so far (see `PolicyState` for the exact finding set), at O(rules) per token.
@@ -14,20 +16,30 @@ error: the rule takes `defaults.action_on_detector_error` (block unless the poli
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from detectors.aggregate import Aggregation, RunningAggregate, aggregate
-from detectors.spec import Scope
-from policies.schema import ACTION_RANK, Action, Defaults, Policy, Rule, format_aggregation, threshold_key
+from policies import conversation as conv
+from policies.conversation import CONVERSATION, NON_FINITE
+from policies.schema import (
+    ACTION_RANK,
+    Action,
+    Defaults,
+    Policy,
+    Rule,
+    RuleScope,
+    format_aggregation,
+    threshold_key,
+)
 
 Phase = Literal["prompt", "completion"]
-NON_FINITE = "detector returned a non-finite score"
 _STREAMS: dict[str, tuple[Phase, ...]] = {
     "prompt": ("prompt",),
     "completion": ("completion",),
     "both": ("prompt", "completion"),
+    CONVERSATION: ("completion",),  # the token stream of the current turn
 }
 
 
@@ -36,11 +48,12 @@ class Finding:
     """One detector's output over one scope: token `scores` so far, and/or precomputed `values` per
     aggregation (used when a rule's aggregation is among them), or an `error` (the detector failed).
 
-    scope is "prompt" or "completion"; "both" only for precomputed values over the whole conversation.
+    scope is "prompt" or "completion"; "both" only for precomputed values over the whole conversation;
+    "conversation" for the earlier turns' scores of a conversation (one per turn, oldest first).
     """
 
     detector: str
-    scope: Scope
+    scope: RuleScope
     scores: tuple[float, ...] | None = None
     values: Mapping[Aggregation, float] = field(default_factory=dict, hash=False)
     error: str | None = None
@@ -105,9 +118,10 @@ def evaluate(
 
     `thresholds` maps detector -> its spec's calibrated threshold (for `threshold: calibrated`); `clamps`
     maps detector -> its `clamp_for_steering()` (for `steer: {latents: detector}`); `aggregations` maps
-    detector -> its spec's aggregation (for `aggregation: detector`). A rule whose detector has no finding
-    for a scope it reads fails closed like a detector error. With `final` False (mid-stream) a rule with
-    `min_tokens` waits until its scope has that many scores.
+    detector -> its spec's aggregation (for `aggregation: detector`, and the per-turn score of conversation
+    rules). A rule whose detector has no finding for a scope it reads fails closed like a detector error
+    (a conversation rule without a `conversation` finding sees the current turn only). With `final` False
+    (mid-stream) a rule with `min_tokens` waits until its scope has that many scores.
     """
     index: dict[tuple[str, str], Finding] = {}
     for f in findings:
@@ -119,7 +133,7 @@ def evaluate(
         agg, error = resolve_aggregation(rule, aggregations)
         value, n = None, None
         if agg is not None:
-            value, error, n = _rule_value(rule, agg, index, phase)
+            value, error, n = _rule_value(rule, agg, index, phase, aggregations)
         if error is None and not final and n is not None and n < rule.min_tokens:
             continue  # not enough tokens yet to judge
         outcomes.append(judge(rule, value, error, policy.defaults, thresholds, clamps))
@@ -137,10 +151,16 @@ def resolve_aggregation(
 
 
 def _rule_value(
-    rule: Rule, agg: Aggregation, index: Mapping[tuple[str, str], Finding], phase: Phase
+    rule: Rule,
+    agg: Aggregation,
+    index: Mapping[tuple[str, str], Finding],
+    phase: Phase,
+    aggregations: Mapping[str, Aggregation] | None = None,
 ) -> tuple[float | None, str | None, int | None]:
     """(value, error, number of scores it aggregates; None for a precomputed value)."""
     det = rule.detector
+    if rule.scope == CONVERSATION:
+        return conv.conversation_value(rule, agg, index, phase, aggregations)
     # A "both" finding (precomputed over the whole conversation) serves only scope-both rules.
     f = index.get((det, rule.scope))
     if rule.scope != "both" or f is not None:
@@ -240,7 +260,9 @@ class PolicyState:
     every detector in `detectors`, a prompt Finding and (in the completion phase) a completion Finding with
     all scores fed for it and the error passed to `fail` (if any). The phase switches to completion with
     the first completion score (or `start_completion()`); prompt scores after that are refused, so
-    scope-both streams stay in order. `finish()` marks the message complete (final).
+    scope-both streams stay in order. `finish()` marks the message complete (final). `conversation` maps
+    detector -> its earlier turns' scores, i.e. a `conversation` Finding per entry; `conversation_error`
+    (they could not be loaded) stands for a `conversation` Finding with that error for every detector.
     """
 
     def __init__(
@@ -252,6 +274,8 @@ class PolicyState:
         thresholds: Mapping[str, float] | None = None,
         clamps: Mapping[str, Mapping[int, float]] | None = None,
         aggregations: Mapping[str, Aggregation] | None = None,
+        conversation: Mapping[str, Sequence[float]] | None = None,
+        conversation_error: str | None = None,
     ) -> None:
         self.policy, self.tenant, self.route = policy, tenant, route
         self.thresholds, self.clamps = dict(thresholds or {}), dict(clamps or {})
@@ -261,6 +285,12 @@ class PolicyState:
         resolved = [resolve_aggregation(r, aggregations) for r in self._rules]
         self._agg_errors = [err for _, err in resolved]  # a rule whose aggregation is unknown fails closed
         self._aggs = [RunningAggregate(agg or Aggregation()) for agg, _ in resolved]
+        self._prior, self._conv_error = conv.as_history(conversation), conversation_error
+        for i, rule in enumerate(self._rules):  # their running aggregate is the current turn's score
+            if rule.scope == CONVERSATION:
+                own = (aggregations or {}).get(rule.detector)
+                self._aggs[i] = RunningAggregate(own or Aggregation())
+                self._agg_errors[i] = None if own is not None else conv.no_turn_aggregation(rule.detector)
         self._consumers: dict[tuple[str, str], list[int]] = {}  # stream -> rules whose aggregate reads it
         for i, rule in enumerate(self._rules):
             for scope in _STREAMS[rule.scope]:
@@ -316,12 +346,27 @@ class PolicyState:
         for i, rule in enumerate(self._rules):
             if self.phase == "prompt" and rule.scope == "completion":
                 continue
+            if rule.scope == CONVERSATION:
+                outcome = self._conversation(i, rule)
+                if outcome is not None:
+                    outcomes.append(outcome)
+                continue
             error = self._agg_errors[i] or self._stream_error(rule)
             if error is None and not self.final and self._aggs[i].n_tokens < rule.min_tokens:
                 continue  # not enough tokens yet to judge
             value = None if error is not None else self._aggs[i].value
             outcomes.append(judge(rule, value, error, self.policy.defaults, self.thresholds, self.clamps))
         return combine(outcomes)
+
+    def _conversation(self, i: int, rule: Rule) -> tuple[FiredRule | None, Mapping[int, float]] | None:
+        """A conversation rule's outcome (None while it waits for min_tokens), as `evaluate` decides it."""
+        completion = self.phase == "completion"
+        error = self._agg_errors[i] or self._conv_error or (self._stream_error(rule) if completion else None)
+        prior = self._prior.get(rule.detector, ())
+        got = conv.running_outcome(rule, self._aggs[i], prior, error, completion=completion, final=self.final)
+        if got is None:
+            return None
+        return judge(rule, got[0], got[1], self.policy.defaults, self.thresholds, self.clamps)
 
     def _stream_error(self, rule: Rule) -> str | None:
         scopes = _STREAMS[rule.scope] if self.phase == "completion" else ("prompt",)

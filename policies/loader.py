@@ -22,6 +22,14 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from policies.schema import DUPLICATE_ID_ERROR, Policy
 
 Loc = tuple[str | int, ...]
+# A policy is a few hundred YAML nodes. Aliases can make a short text expand into billions of them (the
+# "billion laughs" bomb) or into a cycle; such a text is refused before it is constructed or walked.
+MAX_EXPANDED_NODES = 100_000
+# PyYAML is pure Python here: ~0.1 ms per list item and quadratic in bracket nesting, so a megabyte of
+# items or a few thousand "[" would hold a request thread for minutes. A policy is a few kB.
+MAX_POLICY_CHARS = 64_000
+MAX_FLOW_DEPTH = 64
+_BRACKETS = re.compile(r"[^\[\]{}]+")
 # Field name -> how an unknown value of it is called in messages ("unknown aggregation 'maxx'").
 _NOUNS = {"kind": "aggregation", "latents": "steer latents"}
 
@@ -80,14 +88,25 @@ def check_policy(
     text: str, source: str = "<policy>", known_detectors: set[str] | None = None
 ) -> tuple[Policy | None, list[PolicyIssue]]:
     """(policy, []) when valid, else (None, issues sorted by line)."""
-    loader = yaml.SafeLoader(text)
+    too_big = _size_problem(text)
+    if too_big is not None:
+        return None, [PolicyIssue(source, 1, "", too_big)]
+    try:
+        loader = yaml.SafeLoader(text)  # checks the characters first: a control character is a ReaderError
+    except yaml.YAMLError as e:
+        return None, [PolicyIssue(source, 1, "", f"invalid YAML: {e}")]
     try:
         root = loader.get_single_node()
+        too_big = _alias_problem(root) if root is not None else None
+        if too_big is not None:
+            return None, [PolicyIssue(source, 1, "", too_big)]
         data = loader.construct_document(root) if root is not None else None
     except yaml.MarkedYAMLError as e:
         return None, [_yaml_issue(source, e)]
     except yaml.YAMLError as e:  # unmarked (e.g. a reader error on bad characters)
         return None, [PolicyIssue(source, 1, "", f"invalid YAML: {e}")]
+    except RecursionError:  # PyYAML composes recursively: thousands of nested brackets
+        return None, [PolicyIssue(source, 1, "", "invalid YAML: nested too deeply")]
     finally:
         loader.dispose()
     if root is None:
@@ -112,6 +131,56 @@ def check_policy(
     if issues:
         return None, sorted(issues, key=lambda i: (i.line or 0, i.path))
     return policy, []
+
+
+def _size_problem(text: str) -> str | None:
+    """Why the text is too large or too deeply bracketed to parse, else None (brackets inside strings
+    count too: no policy has 64 of them open at once)."""
+    if len(text) > MAX_POLICY_CHARS:
+        return f"the policy is over {MAX_POLICY_CHARS} characters: not a policy"
+    depth = deepest = 0
+    for ch in _BRACKETS.sub("", text):
+        depth = depth + 1 if ch in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    if deepest > MAX_FLOW_DEPTH:
+        return f"the YAML nests more than {MAX_FLOW_DEPTH} brackets deep: not a policy"
+    return None
+
+
+class _Cycle(Exception):
+    pass
+
+
+def _alias_problem(root: Node) -> str | None:
+    """Why the node graph cannot be expanded safely (an alias cycle, or more than MAX_EXPANDED_NODES nodes
+    once aliases are expanded), else None. Linear in the distinct nodes: each one's size is memoised."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise _Cycle
+        active.add(key)
+        if isinstance(node, MappingNode):
+            n = 1 + sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, SequenceNode):
+            n = 1 + sum(size(item) for item in node.value)
+        else:
+            n = 1
+        active.discard(key)
+        sizes[key] = n
+        return n
+
+    try:
+        total = size(root)
+    except _Cycle:
+        return "a YAML alias refers to a node that contains it (a recursive structure): not a policy"
+    if total > MAX_EXPANDED_NODES:
+        return f"the YAML expands to more than {MAX_EXPANDED_NODES} nodes through aliases: not a policy"
+    return None
 
 
 # ---- raw-data checks -----------------------------------------------------------------------------------

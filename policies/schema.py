@@ -19,9 +19,13 @@ from detectors.aggregate import Aggregation
 from detectors.spec import NAME_PATTERN, Scope
 
 Action = Literal["allow", "log", "flag", "steer", "block"]
+# A detector spec's scopes, plus `conversation`: the detector's per-turn scores over the conversation so far
+# (policies.conversation).
+RuleScope = Literal[Scope, "conversation"]  # flat: one "unknown scope" error per typo
 # Strength order: several firing rules combine to the strongest action.
 ACTIONS: tuple[Action, ...] = ("allow", "log", "flag", "steer", "block")
 ACTION_RANK: dict[str, int] = {a: i for i, a in enumerate(ACTIONS)}
+CONVERSATION = "conversation"
 CALIBRATED = "calibrated"  # threshold: the detector spec's own calibrated threshold, resolved at evaluation
 # "calibrated@0.05": the detector's threshold calibrated for that false-positive rate (an operating point
 # stored in its spec by `featurewatch detectors calibrate --operating-point`).
@@ -86,10 +90,12 @@ class Rule(BaseModel):
     id: str = Field(pattern=NAME_PATTERN)
     enabled: bool = True
     detector: str = Field(pattern=NAME_PATTERN)
-    scope: Scope = "completion"
+    scope: RuleScope = "completion"
     # An aggregation, or "detector": the detector spec's own (the one its calibrated threshold is for).
+    # Scope conversation: the aggregation over the turns' scores; it must be named.
     aggregation: Aggregation | Literal["detector"] = Field(default_factory=Aggregation)
-    # A number, "calibrated" or "calibrated@FPR". For count_over a whole number of tokens, else in [0, 1].
+    # A number, "calibrated" or "calibrated@FPR". For count_over a whole number of tokens (of turns for
+    # scope conversation), else in [0, 1]. Scope conversation takes numbers only.
     threshold: float | str
     action: Action
     steer: Steer | None = Field(default=None, validate_default=True)
@@ -106,6 +112,8 @@ class Rule(BaseModel):
         agg = info.data.get("aggregation")  # absent when the aggregation itself was invalid
         counts = isinstance(agg, Aggregation) and not agg.bounded
         if raw == CALIBRATED or (isinstance(raw, str) and CALIBRATED_AT.match(raw)):
+            if info.data.get("scope") == CONVERSATION:
+                raise ValueError("scope conversation needs a number: thresholds are calibrated per message")
             if counts:
                 raise ValueError("'calibrated' is a [0, 1] score threshold; count_over needs a token count")
             return raw
@@ -115,15 +123,21 @@ class Rule(BaseModel):
             )
         if counts:
             if raw < 0 or raw != int(raw):
-                raise ValueError(f"count_over counts tokens: need a whole number >= 0, got {raw!r}")
+                what = "turns" if info.data.get("scope") == CONVERSATION else "tokens"
+                raise ValueError(f"count_over counts {what}: need a whole number >= 0, got {raw!r}")
         elif not 0.0 <= raw <= 1.0:
             raise ValueError(f"must lie in [0, 1] (a score threshold), got {raw!r}")
         return float(raw)
 
     @field_validator("aggregation", mode="before")
     @classmethod
-    def _detector_or_aggregation(cls, raw: Any) -> Any:
+    def _detector_or_aggregation(cls, raw: Any, info: ValidationInfo) -> Any:
         # Checked by hand so a typo reads "unknown aggregation", not one error per union member.
+        if raw == "detector" and info.data.get("scope") == CONVERSATION:
+            raise ValueError(
+                "scope conversation aggregates per-turn scores: name an aggregation (max, mean, "
+                "{kind: ema, window: N}, {kind: count_over, threshold: T}, …)"
+            )
         if raw == "detector" or isinstance(raw, Aggregation):
             return raw
         return Aggregation.model_validate(raw)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from markupsafe import Markup
 
-from monitor.audit_query import query
+from monitor.audit_query import FilterError, query
 from monitor.auth import Principal
 from monitor.console import charts, data, session
 from monitor.console.views import Filters, bucket
@@ -63,7 +63,10 @@ def summary_page(request: Request, principal: session.Reader) -> HTMLResponse:
     if "start" not in request.query_params:  # first visit: the last SUMMARY_DAYS (an empty start: all)
         f = dataclasses.replace(f, start=_days_ago(SUMMARY_DAYS))
     client, keys = data.redis_and_keys(request)
-    stats = summary(client, keys, data.tenant_scope(principal, f), f.start, f.end, data.reviews(request))
+    try:
+        stats = summary(client, keys, data.tenant_scope(principal, f), f.start, f.end, data.reviews(request))
+    except FilterError as e:  # e.g. start after end
+        raise ConsoleError(400, f"invalid filter: {e}") from None
     rows = [
         {"s": s, "chart": Markup(charts.series_svg(s.series, f"{s.detector}: flags and blocks per day"))}
         for s in stats

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
-from monitor.audit_query import ACTIONS, REVIEW_FILTERS
+from monitor.audit_query import ACTIONS, LATEST_TS, REVIEW_FILTERS
 from monitor.audit_query import parse_time as _parse_time
 
 SCORE_BUCKETS = 10  # colour steps: class s0 (score < 0.05) .. s10 (score >= 0.95)
@@ -46,11 +46,20 @@ def fmt_time(ts: float | None) -> str:
 
 
 def parse_time(raw: str | None) -> float | None:
-    """A datetime-local value (UTC) or unix seconds -> unix seconds; empty or invalid -> None."""
+    """A datetime-local value (UTC) or unix seconds -> unix seconds; empty or invalid (also NaN, infinite,
+    negative or past year 5138, which no page could show) -> None."""
     try:
-        return _parse_time(raw)
-    except ValueError:
+        ts = _parse_time(raw)
+    except (ValueError, OverflowError):
         return None
+    return ts if ts is not None and math.isfinite(ts) and 0 <= ts < LATEST_TS else None
+
+
+def _count(raw: str, default: int, most: int) -> int:
+    """A page number or size from the query string, within [1, most]; anything else -> default."""
+    if not (raw.isascii() and raw.isdigit()):  # str.isdigit() is true for "²", which int() refuses
+        return default
+    return most if len(raw) > 9 else min(max(1, int(raw)), most)  # int() refuses > 4300 digits
 
 
 def time_input(ts: float | None) -> str:
@@ -97,8 +106,8 @@ class Filters:
             detector=text("detector"),
             action=action if action in ACTIONS else None,
             review=review if review in REVIEW_FILTERS else None,
-            page=min(max(1, int(page)), MAX_PAGE) if page.isdigit() else 1,
-            per_page=min(max(1, int(per_page)), MAX_PER_PAGE) if per_page.isdigit() else PAGE_SIZE,
+            page=_count(page, 1, MAX_PAGE),
+            per_page=_count(per_page, PAGE_SIZE, MAX_PER_PAGE),
         )
 
     def params(self, **override: Any) -> dict[str, str]:

@@ -93,9 +93,11 @@ def safe_next(raw: str | None) -> str:
 
 def static_file(name: str) -> Response:
     """A file from static/ by plain name (no paths); unknown names are 404."""
+    if len(name) > 100 or "/" in name or "\x00" in name or name.startswith("."):  # long: stat() fails
+        raise ConsoleError(404, "no such file")
     path = STATIC_DIR / name
     kind = STATIC_TYPES.get(path.suffix)
-    if "/" in name or name.startswith(".") or kind is None or not path.is_file():
+    if kind is None or not path.is_file():
         raise ConsoleError(404, "no such file")
     headers = {"cache-control": "max-age=300", "x-content-type-options": "nosniff"}
     return Response(path.read_bytes(), media_type=kind, headers=headers)
