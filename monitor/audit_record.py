@@ -52,6 +52,7 @@ def build_record(ev: DecisionEvent, *, redact: bool) -> dict[str, Any]:
         "schema": SCHEMA_VERSION,
         "id": ev.request_id,
         "created": ev.created,
+        "started_at": round(ev.started if ev.started is not None else float(ev.created), 6),
         "recorded_at": round(time.time(), 3),
         "tenant": ev.tenant,
         "route": ev.route,

@@ -17,7 +17,7 @@ from monitor.audit_record import ALERT_VERDICTS, NO_TENANT, Keys, alert_fields
 from monitor.store_backends import Backend
 
 # KEYS: record, by_time, tenant_by_time, tenants, alerts.
-# ARGV: json, score (created, unix s), id, ttl_s (0 = none), alert (1/0), stream maxlen, tenant, then the
+# ARGV: json, score (started_at, unix s), id, ttl_s (0 = none), alert (1/0), stream maxlen, tenant, then the
 # alert entry's field/value pairs. Returns 1 when written, 0 when the id was already there.
 WRITE_LUA = """
 local ttl = tonumber(ARGV[4])
@@ -48,7 +48,7 @@ def script_input(rec: dict[str, Any], k: Keys, ttl_s: int, stream_maxlen: int) -
     keys = [k.record(rec["id"]), k.by_time, k.tenant_by_time(rec["tenant"]), k.tenants, k.alerts]
     args: list[Any] = [
         json.dumps(rec, separators=(",", ":"), ensure_ascii=False),
-        rec["created"],
+        rec.get("started_at", rec["created"]),  # index score: sub-second, so one second's records keep order
         rec["id"],
         ttl_s,
         1 if rec["verdict"] in ALERT_VERDICTS else 0,

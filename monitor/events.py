@@ -32,6 +32,7 @@ class DecisionEvent:
     timings: dict[str, float | None] = field(default_factory=dict)
     # model/SAE/policy names and sha256 digests (monitor.versions): which artefacts made the decision
     versions: dict[str, str] = field(default_factory=dict)
+    started: float | None = None  # unix s, sub-second: orders the audit indexes (None: `created`)
 
 
 Sink = Callable[[DecisionEvent], None]

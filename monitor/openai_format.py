@@ -7,7 +7,8 @@ the policy message in `refusal`, the field OpenAI uses for refusals.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from monitor.jobs import GenerationJob, JobResult
@@ -27,6 +28,9 @@ class Call:
     job: GenerationJob
     stream: bool
     include_usage: bool
+    # When the request arrived, unix s with sub-second precision: orders the audit indexes (`created` is
+    # OpenAI's whole seconds, so requests of one second would otherwise come back in id order).
+    started: float = field(default_factory=time.time)
 
 
 def data(obj: dict[str, Any]) -> str:

@@ -299,6 +299,7 @@ def _emit(rt: Runtime, request: Request, call: Call, res: JobResult, mon: Reques
         tenant=call.tenant,
         model=call.model,
         created=call.created,
+        started=call.started,
         finish_reason=res.finish_reason,
         verdict=summary["verdict"],
         summary=summary,
