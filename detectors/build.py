@@ -2,26 +2,35 @@
 
 `build_concept_detectors` extracts completion-scope residuals once (at `layers` and the SAE's hook point;
 SAE latents are encoded from the stored residuals, so nothing runs the model twice) and fits two kinds:
-  probe        logistic regression on pooled residuals (mean- or max-pooled completion tokens are the
-               training unit), applied per token and aggregated;
+  probe        logistic regression on residuals, applied per token and aggregated; the training unit is
+               a record's mean- or max-pooled completion tokens, or (pool "token", opt-in) every
+               completion token as its own row labelled with its record's label, each record weighing
+               the same in total (so per-token scores mean what the served per-token aggregation uses);
   sae_features discovery on pooled SAE latents, top `n_latents` weighted by logistic regression.
 Within a kind, the variant (pooling, aggregation, C) with the best out-of-fold AUROC on the training
-records wins (folds keep records with the same final user prompt together: the seed data's mirror pairs).
+records wins (folds keep records with the same final user prompt together: the seed data's mirror pairs);
+with `select_by="calib_recall"` it is the variant whose fold models recall the most seed positives (held
+out in their fold) at the threshold giving `select_fpr` on `calib_records` (no test record is used).
 Thresholds are set for `target_fpr` on calibration negatives: the out-of-fold scores of the training
-negatives plus the final model's scores on `calib_records` (label 0 or unlabelled). The kind with the
-higher AUROC on `test_records` (out-of-fold AUROC without them) is written as `<concept>.yaml`; both stay
-as `<concept>_probe.yaml` / `<concept>_sae.yaml` (eval.variant_of = concept), with the figures in `eval`.
+negatives plus the final model's scores on `calib_records` (label 0 or unlabelled), or the latter only
+(`calib_only`); `operating_fprs` adds further calibrated operating points on the same negatives. The kind
+with the higher AUROC on `test_records` (out-of-fold AUROC without them) is written as `<concept>.yaml`;
+both stay as `<concept>_probe.yaml` / `<concept>_sae.yaml` (eval.variant_of = concept), with the figures in
+`eval`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
@@ -46,12 +55,18 @@ Labels = Callable[[int], str]
 @dataclass(frozen=True)
 class Variant:
     kind: str
-    pool: Pool
-    agg: str
+    pool: str  # "mean" / "max": one pooled row per record; "token": one row per completion token
+    agg: str  # "mean", "max" or "topk_mean:K"
     C: float = 1.0
 
     def as_dict(self) -> dict[str, Any]:
         return {"pool": self.pool, "aggregation": self.agg, "C": self.C}
+
+
+def parse_agg(agg: str) -> Aggregation:
+    """A variant's aggregation name as an Aggregation ("topk_mean:8" → top-8 mean)."""
+    kind, _, k = agg.partition(":")
+    return Aggregation(kind="topk_mean", k=int(k)) if k else Aggregation.model_validate(kind)
 
 
 # C = 0.001 was added when public training data came in: with ~1,000 records of 576–1,152 features the
@@ -63,6 +78,24 @@ VARIANTS = [
     for c in (0.001, 0.01, 0.1, 1.0)
 ]
 VARIANTS += [Variant("sae_features", p, a) for p in ("max", "mean") for a in ("max", "mean")]
+# Token-level training (pools=("token", …)): the served aggregation of per-token scores is the mean or a
+# top-k mean, so those are the variants; a token-level fit has ~50× more rows, so its grid is smaller.
+TOKEN_VARIANTS = [
+    Variant("probe", "token", a, c) for a in ("mean", "topk_mean:8") for c in (0.001, 0.01, 0.1)
+]
+POOLS = ("mean", "max", "token")
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Token-level training: which completion tokens become rows (`skip` first tokens of each record
+    left out when it has more; at most `max_rows` per record, evenly spaced)."""
+
+    skip: int = 0
+    max_rows: int = 32
+
+    def as_dict(self) -> dict[str, int]:
+        return {"skip": self.skip, "max_rows": self.max_rows}
 
 
 @dataclass
@@ -72,7 +105,7 @@ class Corpus:
     feats: list[TokenFeatures]
     labels: Tensor  # (N,) long
     groups: list[str]
-    pooled: dict[tuple[str, str, str], Tensor]  # (what, hook point, pool) -> (N, D)
+    pooled: dict[tuple[str, ...], Tensor]  # (what, hook point, pool) -> (N, D); token tables (token_table)
     weights: Tensor | None = None  # (N,) per-record probe training weights; None = all 1
 
     def rows(self, idx: Tensor, label: int) -> Tensor:
@@ -113,9 +146,12 @@ def extract_corpus(
     max_tokens: int | None = None,
     progress: bool = False,
     desc: str = "extract",
+    cache_dir: str | Path | None = None,
 ) -> Corpus:
     """Residuals of every record's completion (the whole text for `text` records). Records need a label
-    (0/1) unless `default_label` is given, and a completion (a chat must end with the assistant)."""
+    (0/1) unless `default_label` is given, and a completion (a chat must end with the assistant).
+    `cache_dir`: a disk cache of each record's residuals (float32, keyed by the model, the hook points and
+    the record's content after truncation), so that a rerun or another concept skips the forward pass."""
     for rec in records:
         msgs = rec.get("messages")
         if isinstance(msgs, list) and msgs and msgs[-1].get("role") != "assistant":
@@ -125,10 +161,69 @@ def extract_corpus(
         if rec.get("label", default_label) not in (0, 1):
             raise DetectorError(f"record {rec.get('id')!r}: label must be 0 or 1, got {rec.get('label')!r}")
     recs = truncate_records(records, tokenizer, max_tokens) if max_tokens else list(records)
-    it = iter_token_features(model, tokenizer, recs, points, scope="completion", batch_size=batch_size)
-    feats = list(tqdm(it, total=len(recs), desc=desc, disable=not progress, leave=False))
     labels = torch.tensor([int(r.get("label", default_label) or 0) for r in recs], dtype=torch.long)
-    return Corpus(feats, labels, _groups(recs), {})
+    if cache_dir is None:
+        it = iter_token_features(model, tokenizer, recs, points, scope="completion", batch_size=batch_size)
+        feats = list(tqdm(it, total=len(recs), desc=desc, disable=not progress, leave=False))
+        return Corpus(feats, labels, _groups(recs), {})
+    cache = ActivationCache(cache_dir, model, points)
+    found: dict[int, TokenFeatures] = {}
+    for i, r in enumerate(recs):
+        hit = cache.get(r)
+        if hit is not None:
+            found[i] = hit
+    todo = [i for i in range(len(recs)) if i not in found]
+    it = iter_token_features(
+        model, tokenizer, [recs[i] for i in todo], points, scope="completion", batch_size=batch_size
+    )
+    bar = tqdm(total=len(recs), initial=len(found), desc=desc, disable=not progress, leave=False)
+    for i, f in zip(todo, it, strict=True):
+        cache.put(recs[i], f)
+        found[i] = f
+        bar.update(1)
+    bar.close()
+    return Corpus([found[i] for i in range(len(recs))], labels, _groups(recs), {})
+
+
+class ActivationCache:
+    """Completion-scope residuals per record on disk (`<dir>/<key[:2]>/<key>.safetensors`, float32, so a
+    cached corpus gives the same numbers as a live one)."""
+
+    def __init__(self, folder: str | Path, model: Any, points: Sequence[str]) -> None:
+        self.folder = Path(folder).expanduser()
+        self.points = [hf_hook_point(p) for p in points]
+        cfg = getattr(model, "config", None)
+        ident = {
+            "model": str(getattr(cfg, "_name_or_path", "")),
+            "arch": cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else None,
+            "n_params": sum(int(p.numel()) for p in model.parameters()),
+        }
+        self._model = json.dumps(ident, sort_keys=True, default=str)
+
+    def key(self, rec: dict[str, Any]) -> str:
+        body = {"m": rec.get("messages"), "t": rec.get("text"), "p": self.points, "model": self._model}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    def _path(self, rec: dict[str, Any]) -> Path:
+        k = self.key(rec)
+        return self.folder / k[:2] / f"{k}.safetensors"
+
+    def get(self, rec: dict[str, Any]) -> TokenFeatures | None:
+        path = self._path(rec)
+        if not path.is_file():
+            return None
+        try:
+            state = load_file(str(path))
+        except Exception:  # a half-written file from an interrupted run: extract again
+            return None
+        return TokenFeatures(resid={p: state[p].float() for p in self.points})
+
+    def put(self, rec: dict[str, Any], feats: TokenFeatures) -> None:
+        path = self._path(rec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({p: feats.resid_at(p).float().contiguous() for p in self.points}, str(tmp))
+        tmp.replace(path)
 
 
 def pooled_table(corpus: Corpus, what: str, pool: Pool, point: str, sae: SAE | None = None) -> Tensor:
@@ -150,19 +245,65 @@ def pooled_table(corpus: Corpus, what: str, pool: Pool, point: str, sae: SAE | N
     return corpus.pooled[(*key, pool)]
 
 
+def token_table(corpus: Corpus, points: Sequence[str], rows: TokenRows) -> tuple[Tensor, Tensor, Tensor]:
+    """Token-level training rows, cached: (X (R, D) residuals at `points` concatenated, record index (R,),
+    row weight (R,)). A record's rows share its weight (corpus.weights, else 1) equally, so every record
+    counts the same however long it is."""
+    key = ("token", "|".join(points), f"{rows.skip},{rows.max_rows}")
+    if key not in corpus.pooled:
+        xs, owner, weight = [], [], []
+        for i, f in enumerate(corpus.feats):
+            x = torch.cat([f.resid_at(p).float() for p in points], dim=1)
+            if x.shape[0] > rows.skip:
+                x = x[rows.skip :]
+            if x.shape[0] > rows.max_rows:
+                x = x[torch.linspace(0, x.shape[0] - 1, rows.max_rows).round().long().unique()]
+            if x.shape[0] == 0:
+                continue
+            w = 1.0 if corpus.weights is None else float(corpus.weights[i])
+            xs.append(x)
+            owner.append(torch.full((x.shape[0],), i, dtype=torch.long))
+            weight.append(torch.full((x.shape[0],), w / x.shape[0], dtype=torch.float64))
+        corpus.pooled[key] = torch.cat(xs)
+        corpus.pooled[(*key, "owner")] = torch.cat(owner)
+        corpus.pooled[(*key, "weight")] = torch.cat(weight)
+    return corpus.pooled[key], corpus.pooled[(*key, "owner")], corpus.pooled[(*key, "weight")]
+
+
 class _Fitter:
     """Fits a variant on some records of a corpus and scores others (message values)."""
 
-    def __init__(self, corpus: Corpus, points: list[str], sae: SAE, n_latents: int, labels: Labels | None):
+    def __init__(
+        self,
+        corpus: Corpus,
+        points: list[str],
+        sae: SAE,
+        n_latents: int,
+        labels: Labels | None,
+        token_rows: TokenRows = TokenRows(),
+    ):
         self.c, self.points, self.sae, self.n, self.labels = corpus, points, sae, n_latents, labels
         self.sae_point = sae_hook_point(sae)
+        self.token_rows = token_rows
+        self._fits: dict[tuple[Any, ...], Any] = {}  # probe fits shared by variants that differ in agg only
 
-    def fit(self, v: Variant, idx: Tensor, name: str) -> tuple[Detector, Any]:
-        agg = Aggregation.model_validate(v.agg)
+    def _probe_fit(self, v: Variant, idx: Tensor) -> Any:
+        key = (v.pool, v.C, hashlib.sha256(idx.numpy().tobytes()).hexdigest())
+        if key in self._fits:
+            return self._fits[key]
         pos, neg = self.c.rows(idx, 1), self.c.rows(idx, 0)
-        if v.kind == "probe":
-            x = torch.cat([pooled_table(self.c, "resid", v.pool, p) for p in self.points], dim=1)
-            w = self.c.weights
+        w = self.c.weights
+        if v.pool == "token":
+            x, owner, weight = token_table(self.c, self.points, self.token_rows)
+            keep = torch.zeros(len(self.c.feats), dtype=torch.bool)
+            keep[idx] = True
+            sel = keep[owner]
+            x, owner, weight = x[sel], owner[sel], weight[sel]
+            y = self.c.labels[owner]
+            fit = train_probe(x[y == 1], x[y == 0], C=v.C, w_pos=weight[y == 1], w_neg=weight[y == 0])
+        else:
+            pool = cast(Pool, v.pool)
+            x = torch.cat([pooled_table(self.c, "resid", pool, p) for p in self.points], dim=1)
             fit = train_probe(
                 x[pos],
                 x[neg],
@@ -170,6 +311,14 @@ class _Fitter:
                 w_pos=None if w is None else w[pos],
                 w_neg=None if w is None else w[neg],
             )
+        self._fits[key] = fit
+        return fit
+
+    def fit(self, v: Variant, idx: Tensor, name: str) -> tuple[Detector, Any]:
+        agg = parse_agg(v.agg)
+        pos, neg = self.c.rows(idx, 1), self.c.rows(idx, 0)
+        if v.kind == "probe":
+            fit = self._probe_fit(v, idx)
             probe = ProbeSpec(
                 name=name,
                 threshold=0.5,
@@ -178,7 +327,7 @@ class _Fitter:
                 weights_file=f"{name}.safetensors",
             )
             return ProbeDetector(probe, fit, []), fit
-        x = pooled_table(self.c, "latents", v.pool, self.sae_point, self.sae)
+        x = pooled_table(self.c, "latents", cast(Pool, v.pool), self.sae_point, self.sae)
         ranked = rank_latents(x[pos], x[neg])
         if self.labels is not None:
             ranked = [replace(r, label=self.labels(r.latent_id)) for r in ranked[: self.n]]
@@ -197,14 +346,32 @@ class _Fitter:
             out.append(score_message(det, f))
         return torch.tensor(out, dtype=torch.float64)
 
-    def oof(self, v: Variant, folds: Tensor) -> Tensor:
-        """Out-of-fold message values for every record."""
+    def oof(self, v: Variant, folds: Tensor, calib: _Fitter | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Out-of-fold message values for every record, and (with `calib`) each fold model's values on
+        the calibration records (one tensor per fold, in fold order)."""
         out = torch.zeros(len(folds), dtype=torch.float64)
+        per_fold: list[Tensor] = []
         for k in folds.unique().tolist():
             det, _ = self.fit(v, torch.nonzero(folds != k).flatten(), "oof")
             held = torch.nonzero(folds == k).flatten()
             out[held] = self.scores(det, held)
-        return out
+            if calib is not None:
+                per_fold.append(calib.scores(det, torch.arange(len(calib.c.feats))))
+        return out, per_fold
+
+
+def calib_recall(
+    oof: Tensor, per_fold_calib: Sequence[Tensor], folds: Tensor, positives: Tensor, fpr: float
+) -> float:
+    """Share of `positives` (bool mask) that their own fold's model scores at or above the threshold
+    giving `fpr` on the calibration records (scored by that same fold model)."""
+    hits, total = 0, 0
+    for j, k in enumerate(folds.unique().tolist()):
+        thr = threshold_for_fpr(per_fold_calib[j], fpr)
+        m = positives & (folds == k)
+        hits += int((oof[m] >= thr).sum())
+        total += int(m.sum())
+    return hits / total if total else 0.0
 
 
 def assign_folds(groups: Sequence[str], labels: Tensor, k: int) -> Tensor:
@@ -246,14 +413,34 @@ def build_concept_detectors(
     progress: bool = False,
     data: dict[str, Any] | None = None,
     balance_sources: bool = False,
+    pools: Sequence[str] = ("mean", "max"),
+    token_rows: TokenRows = TokenRows(),
+    select_by: str = "auroc_oof",
+    select_fpr: float = 0.05,
+    calib_only: bool = False,
+    operating_fprs: Sequence[float] = (),
+    cache_dir: str | Path | None = None,
 ) -> BuildResult:
     """Fit, calibrate, compare and write both kinds for `concept` (see the module doc). `data` describes
     the training records (detectors.datasets.TrainingData.as_dict) and is stored as eval.train.data, so
     that evaluation can rebuild them for its baseline. `balance_sources` weights probe training records
-    so that every source (seed, each public suite) has the same total weight (source_weights)."""
+    so that every source (seed, each public suite) has the same total weight (source_weights).
+    `pools`: the probe training units to try ("mean", "max", "token"); `token_rows`: which tokens a
+    token-level fit reads. `select_by`: "auroc_oof" or "calib_recall" (see the module doc).
+    `calib_only`: thresholds from `calib_records` alone. `operating_fprs`: extra operating points."""
+    unknown = [p for p in pools if p not in POOLS]
+    if unknown or not pools:
+        raise DetectorError(f"pools {list(pools)}: each must be one of {', '.join(POOLS)}")
+    if select_by not in ("auroc_oof", "calib_recall"):
+        raise DetectorError(f"select_by {select_by!r}: must be auroc_oof or calib_recall")
     points = [hf_hook_point(p) for p in layers]
     capture = list(dict.fromkeys([*points, sae_hook_point(sae)]))
-    kw: dict[str, Any] = {"batch_size": batch_size, "max_tokens": max_tokens, "progress": progress}
+    kw: dict[str, Any] = {
+        "batch_size": batch_size,
+        "max_tokens": max_tokens,
+        "progress": progress,
+        "cache_dir": cache_dir,
+    }
     train = extract_corpus(model, tokenizer, train_records, capture, desc=f"{concept} train", **kw)
     n_pos, n_neg = int(train.labels.sum()), int((train.labels == 0).sum())
     if min(n_pos, n_neg) < 2:
@@ -261,6 +448,8 @@ def build_concept_detectors(
             f"{concept}: need ≥ 2 training records of each label (got {n_pos} pos, {n_neg} neg)"
         )
     calib_ok = [r for r in calib_records if r.get("label", 0) == 0 and _has_completion(r)]
+    if (calib_only or select_by == "calib_recall") and not calib_ok:
+        raise DetectorError(f"{concept}: calib_only / select_by=calib_recall need calibration records")
     calib = extract_corpus(
         model, tokenizer, calib_ok, capture, default_label=0, desc=f"{concept} calib", **kw
     )
@@ -268,21 +457,59 @@ def build_concept_detectors(
     sources = [_sources(r) for r in train_records]
     if balance_sources:
         train.weights = source_weights([srcs[0] for srcs in sources])
-    fitter = _Fitter(train, points, sae, n_latents, labels)
+    fitter = _Fitter(train, points, sae, n_latents, labels, token_rows)
+    calib_fitter = _Fitter(calib, points, sae, n_latents, labels, token_rows)
     fold = assign_folds(train.groups, train.labels, folds)
+    seed_pos = torch.tensor(["seed" in s for s in sources]) & (train.labels == 1)
+    if not bool(seed_pos.any()):
+        seed_pos = train.labels == 1
     everything = torch.arange(len(train.feats))
+    variants = [v for v in VARIANTS if v.kind != "probe" or v.pool in pools]
+    variants += [v for v in TOKEN_VARIANTS if "token" in pools]
+    test_sources = [_sources(r)[0] for r in test_records]
+
+    def held_out(det: Detector, thr: float, op_thr: dict[str, float]) -> dict[str, Any]:
+        """Figures on the test records: AUROC, metrics at the threshold and each operating point, and
+        the FPR on each source of test negatives (e.g. seed vs the model's own answers)."""
+        ts = _Fitter(test, points, sae, n_latents, labels).scores(det, torch.arange(len(test.feats)))
+        tp, tn = ts[test.labels == 1], ts[test.labels == 0]
+        fig: dict[str, Any] = {"auroc_test": _r(auroc(tp, tn)) if len(tp) and len(tn) else None}
+        fig["test"] = _figures(metrics(tp, tn, thr))
+        if op_thr:
+            fig["operating_points"] = {k: _figures(metrics(tp, tn, t)) for k, t in op_thr.items()}
+        neg_src = [src for src, lab in zip(test_sources, test.labels.tolist(), strict=True) if lab == 0]
+        if len(set(neg_src)) > 1:
+            fig["test_fpr_by_source"] = {
+                src: {
+                    name: _r(float((tn[mask] >= t).double().mean()))
+                    for name, t in {"threshold": thr, **op_thr}.items()
+                }
+                | {"n_neg": int(mask.sum())}
+                for src in dict.fromkeys(neg_src)
+                for mask in [torch.tensor([s == src for s in neg_src])]
+            }
+        return fig
+
     out, specs, figures = Path(out_dir), {}, {}
     for kind, suffix in SUFFIX.items():
         name = f"{concept}{suffix}"
-        tried = {v: fitter.oof(v, fold) for v in VARIANTS if v.kind == kind}
+        tried, sel = {}, {}
+        use_calib = calib_fitter if select_by == "calib_recall" else None
+        for v in (v for v in variants if v.kind == kind):
+            tried[v], per_fold = fitter.oof(v, fold, use_calib)
+            if use_calib is not None:
+                sel[v] = calib_recall(tried[v], per_fold, fold, seed_pos, select_fpr)
         oof_auc = {v: auroc(s[train.labels == 1], s[train.labels == 0]) for v, s in tried.items()}
-        best = max(tried, key=lambda v: oof_auc[v])  # first listed wins ties: the simpler variants
+        # First listed wins ties: the simpler variants.
+        best = max(tried, key=lambda v: (sel.get(v, 0.0), oof_auc[v]))
         det, fit = fitter.fit(best, everything, name)
         neg_oof = tried[best][train.labels == 0]
-        neg_extra = _Fitter(calib, points, sae, n_latents, labels).scores(det, torch.arange(len(calib.feats)))
-        thr = threshold_for_fpr(torch.cat([neg_oof, neg_extra]), target_fpr)
+        neg_extra = calib_fitter.scores(det, torch.arange(len(calib.feats)))
+        negs = neg_extra if calib_only else torch.cat([neg_oof, neg_extra])
+        thr = threshold_for_fpr(negs, target_fpr)
         if thr > 1.0:
             raise DetectorError(f"{name}: too many calibration negatives score 1.0 to reach FPR {target_fpr}")
+        op_thr = {str(float(f)): threshold_for_fpr(negs, f) for f in operating_fprs}
         ev: dict[str, Any] = {
             "variant_of": concept,
             "auroc_oof": _r(oof_auc[best]),
@@ -292,22 +519,51 @@ def build_concept_detectors(
                 "folds": int(fold.max()) + 1,
                 "variant": best.as_dict(),
                 "balance_sources": balance_sources,
+                **({"token_rows": token_rows.as_dict()} if best.pool == "token" else {}),
                 **({"data": data} if data is not None else {}),
             },
             "auroc_oof_by_source": _by_source(tried[best], train.labels, sources),
             "variants_auroc_oof": {_vname(v): _r(a) for v, a in oof_auc.items()},
             "calibration": {
-                "n_neg_oof": len(neg_oof),
+                "n_neg_oof": 0 if calib_only else len(neg_oof),
                 "n_neg_extra": len(neg_extra),
                 "n_skipped_no_completion": len(calib_records) - len(calib_ok),
             },
         }
+        if sel:
+            ev["selection"] = {
+                "by": f"calib_recall@{select_fpr}",
+                "n_seed_pos": int(seed_pos.sum()),
+                "variants": {_vname(v): _r(r) for v, r in sel.items()},
+            }
         if len(test.feats):
-            ts = _Fitter(test, points, sae, n_latents, labels).scores(det, torch.arange(len(test.feats)))
-            tp, tn = ts[test.labels == 1], ts[test.labels == 0]
-            ev["auroc_test"] = _r(auroc(tp, tn)) if len(tp) and len(tn) else None
-            ev["test"] = {k: int(v) if k.startswith("n_") else _r(v) for k, v in metrics(tp, tn, thr).items()}
-        body = {**det.spec.model_dump(), "threshold": thr, "target_fpr": target_fpr, "eval": ev}
+            ev.update(held_out(det, thr, op_thr))
+        if kind == "probe" and len({v.pool for v in tried}) > 1:
+            # The best variant of each training unit, fitted and calibrated the same way, on the same
+            # held-out records: what shipping the other unit would have given.
+            ev["by_pool"] = {}
+            for pool in dict.fromkeys(v.pool for v in tried):
+                bp = max((v for v in tried if v.pool == pool), key=lambda v: (sel.get(v, 0.0), oof_auc[v]))
+                d, _ = fitter.fit(bp, everything, name)
+                n_extra = calib_fitter.scores(d, torch.arange(len(calib.feats)))
+                n_all = n_extra if calib_only else torch.cat([tried[bp][train.labels == 0], n_extra])
+                t = threshold_for_fpr(n_all, target_fpr)
+                ops = {str(float(f)): threshold_for_fpr(n_all, f) for f in operating_fprs}
+                ev["by_pool"][pool] = {
+                    "variant": bp.as_dict(),
+                    "auroc_oof": _r(oof_auc[bp]),
+                    **({"calib_recall": _r(sel[bp])} if bp in sel else {}),
+                    "threshold": t,
+                    "operating_points": ops,
+                    **(held_out(d, t, ops) if len(test.feats) else {}),
+                }
+        body = {
+            **det.spec.model_dump(),
+            "threshold": thr,
+            "target_fpr": target_fpr,
+            "operating_points": op_thr,
+            "eval": ev,
+        }
         body["description"] = f"{concept}: {kind} detector built by featurewatch detectors train"
         specs[name] = type(det.spec).model_validate(body)
         if fit is not None:
@@ -323,6 +579,10 @@ def build_concept_detectors(
     specs[concept] = type(primary).model_validate({**primary.model_dump(), "name": concept, "eval": ev})
     paths = [dump_spec(spec, out / f"{name}.yaml") for name, spec in specs.items()]
     return BuildResult(concept, selected, specs, paths)
+
+
+def _figures(m: dict[str, float]) -> dict[str, float | int]:
+    return {k: int(v) if k.startswith("n_") else _r(v) for k, v in m.items()}
 
 
 def source_weights(sources: Sequence[str]) -> Tensor:

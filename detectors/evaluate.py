@@ -18,7 +18,7 @@ out-of-fold training negatives).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -177,17 +177,24 @@ def evaluate_detectors(
     target_fpr: float = 0.01,
     batch_size: int = 8,
     progress: bool = False,
+    extra_negatives: Mapping[str, Sequence[dict[str, Any]]] | None = None,
 ) -> list[EvalRow]:
-    """Rows for every (concept, suite, detector kind + baseline); see the module doc."""
+    """Rows for every (concept, suite, detector kind + baseline); see the module doc.
+    `extra_negatives` {name: records}: for each, a suite `seed-test+<name>` of the seed test split plus
+    those records as further negatives (e.g. the monitored model's own held-out answers)."""
     rows: list[EvalRow] = []
     for concept in concepts:
         dets, shipped = concept_detectors(detectors_dir, concept, sae, model)
         base, data = baseline_for(concept, dets, shipped, tokenizer, seed_sae, target_fpr)
         rows.append(_training_row(concept, data, base))
         scorer = Scorer(model, tokenizer, sae, dict(dets), top_k=0)
+        seed_test = load_seed(concept, "test", sae=seed_sae)
         todo: list[tuple[str, list[dict[str, Any]] | None, str]] = [
-            ("seed-test", load_seed(concept, "test", sae=seed_sae), "our held-out split")
+            ("seed-test", seed_test, "our held-out split")
         ]
+        for extra, negs in (extra_negatives or {}).items():
+            more = [{**r, "label": 0} for r in negs]
+            todo.append((f"seed-test+{extra}", seed_test + more, f"seed test split + {len(more)} {extra}"))
         for suite in (suites if suites is not None else EVAL_SUITES).get(concept, []):
             try:
                 todo.append((suite.name, suite.load(max_n=max_per_suite, chat=chat), suite.note))

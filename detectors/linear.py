@@ -65,9 +65,13 @@ def fit_logistic(
     if w_pos is not None or w_neg is not None:
         wp = np.ones(len(pos)) if w_pos is None else _as_2d(w_pos).reshape(-1)
         wn = np.ones(len(neg)) if w_neg is None else _as_2d(w_neg).reshape(-1)
-        weight = np.concatenate([wp, wn])
-        if len(weight) != len(x):
-            raise ValueError(f"{len(weight)} row weights for {len(x)} rows")
+        if len(wp) + len(wn) != len(x):
+            raise ValueError(f"{len(wp) + len(wn)} row weights for {len(x)} rows")
+        # Balance the classes by their weight totals (not row counts: older scikit-learn counts rows),
+        # so each class weighs half of Σ w, e.g. records of many token rows weigh no more than short ones.
+        total = wp.sum() + wn.sum()
+        weight = np.concatenate([wp * total / (2 * wp.sum()), wn * total / (2 * wn.sum())])
+        clf = LogisticRegression(C=C, class_weight=None, max_iter=max_iter)
     clf.fit((x - mean) / std, y, sample_weight=weight)
     f32 = torch.float32
     return LinearFit(

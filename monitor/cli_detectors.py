@@ -202,6 +202,52 @@ def train_cmd(
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Output folder; default <SAE>/detectors.")
     ] = None,
+    test: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--test",
+            help="Extra held-out labelled records (e.g. hard negatives' test split) for the test figures.",
+        ),
+    ] = None,
+    pools: Annotated[
+        str,
+        typer.Option(
+            "--pools",
+            help="Probe training units: mean, max (pooled per record), token (each completion token a row).",
+        ),
+    ] = "mean,max",
+    token_skip: Annotated[
+        int, typer.Option("--token-skip", min=0, help="Token-level: leave out each record's first N tokens.")
+    ] = 0,
+    token_rows: Annotated[
+        int,
+        typer.Option("--token-rows", min=1, help="Token-level: ≤ N rows per record, evenly spaced."),
+    ] = 32,
+    select_by: Annotated[
+        str,
+        typer.Option(
+            "--select-by",
+            help="Variant choice: auroc_oof, or calib_recall (held-out seed recall at --select-fpr, --calib)",
+        ),
+    ] = "auroc_oof",
+    select_fpr: Annotated[
+        float, typer.Option("--select-fpr", min=1e-6, max=0.5, help="FPR for --select-by calib_recall.")
+    ] = 0.05,
+    calib_only: Annotated[
+        bool,
+        typer.Option(
+            "--calib-only/--no-calib-only",
+            help="Thresholds from the --calib records alone (not the out-of-fold training negatives).",
+        ),
+    ] = False,
+    operating_points: Annotated[
+        str | None,
+        typer.Option("--operating-points", help="Extra calibrated FPRs, comma-separated (e.g. 0.05)."),
+    ] = None,
+    cache: Annotated[
+        Path | None,
+        typer.Option("--cache", help="Activation cache folder (reruns skip the forward passes)."),
+    ] = None,
     sae: SaeOpt = DEFAULT_SAE,
     model: ModelOpt = DEFAULT_MODEL,
     layers: Annotated[
@@ -224,14 +270,27 @@ def train_cmd(
     per public eval suite from the datasets' train splits (never their test splits, which `detectors eval`
     reports); the spec records this so that eval trains its TF-IDF baseline on the same records.
     """
+    from detectors.build import POOLS, TokenRows
     from detectors.datasets import DatasetError, TrainingData, load_seed, stable_hash
 
     concepts = _names(concept)
     only = _public_suites(public_suites, concepts)  # before loading the model: fail fast
+    pool_list = _names(pools)
+    if not pool_list or any(p not in POOLS for p in pool_list):
+        raise fail(f"--pools: {pools!r}; each must be one of {', '.join(POOLS)}")
+    if select_by not in ("auroc_oof", "calib_recall"):
+        raise fail(f"--select-by: {select_by!r} is not one of auroc_oof, calib_recall")
+    op_fprs = _fprs(operating_points)
     extra = [r for p in train or [] for r in _records(p, "--train")]
     bad = [r.get("id") for r in extra if r.get("label") not in (0, 1)]
     if bad:
         raise fail(f"--train: records need label 0 or 1; first without: {bad[0]!r}")
+    extra_test = [r for p in test or [] for r in _records(p, "--test")]
+    bad = [r.get("id") for r in extra_test if r.get("label") not in (0, 1)]
+    if bad:
+        raise fail(f"--test: records need label 0 or 1; first without: {bad[0]!r}")
+    if (calib_only or select_by == "calib_recall") and not calib:
+        raise fail("--calib-only and --select-by calib_recall need --calib records")
     cal = []
     for path in calib or []:  # a deterministic sample of each file's negatives
         negs = [r for r in _records(path, "--calib") if r.get("label", 0) == 0]
@@ -261,7 +320,7 @@ def train_cmd(
                 train_recs + extra,
                 cal,
                 target,
-                test_records=seed_test,
+                test_records=seed_test + extra_test,
                 layers=_names(layers),
                 n_latents=n_latents,
                 target_fpr=target_fpr,
@@ -271,10 +330,31 @@ def train_cmd(
                 progress=progress,
                 data=data.as_dict(),
                 balance_sources=balance_sources,
+                pools=pool_list,
+                token_rows=TokenRows(skip=token_skip, max_rows=token_rows),
+                select_by=select_by,
+                select_fpr=select_fpr,
+                calib_only=calib_only,
+                operating_fprs=op_fprs,
+                cache_dir=cache,
             )
         except (DatasetError, DetectorError) as e:
             raise fail(f"{c}: {e}") from e
         _print_build(result)
+
+
+def _fprs(raw: str | None) -> list[float]:
+    """--operating-points as floats in (0, 0.5] (exit 2 otherwise)."""
+    out = []
+    for item in _names(raw or ""):
+        try:
+            f = float(item)
+        except ValueError:
+            f = -1.0
+        if not 0.0 < f <= 0.5:
+            raise fail(f"--operating-points: {item!r} is not a false-positive rate in (0, 0.5]")
+        out.append(f)
+    return out
 
 
 def _suite_names(concept: str) -> list[str]:
@@ -409,6 +489,13 @@ def eval_cmd(
     md_out: Annotated[Path | None, typer.Option("--out", help="Write the Markdown report here.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json-out", help="Write the rows as JSON here.")] = None,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Public texts as assistant turns.")] = True,
+    neg_suite: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--neg-suite",
+            help="Negative records (label 0): adds a suite seed-test+<file stem> (seed test split + them).",
+        ),
+    ] = None,
     sae: SaeOpt = DEFAULT_SAE,
     model: ModelOpt = DEFAULT_MODEL,
     max_tokens: MaxTokOpt = 192,
@@ -425,6 +512,7 @@ def eval_cmd(
     from detectors.errors import DetectorError
     from detectors.evaluate import evaluate_detectors, render_markdown
 
+    extra = {p.stem: _records(p, "--neg-suite") for p in neg_suite or []}
     folder, sae_obj, lm = _runtime(sae, model, device)
     try:
         rows = evaluate_detectors(
@@ -439,6 +527,7 @@ def eval_cmd(
             seed_sae=_seed_source(folder),
             batch_size=batch_size,
             progress=progress,
+            extra_negatives=extra,
         )
     except (DatasetError, DetectorError) as e:
         raise fail(str(e)) from e

@@ -58,11 +58,8 @@ def test_shipped_detectors_score_clear_cases(real_lm: Any) -> None:
     assert not any(out["tea"]["fired"].values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known regression of the public-data detectors: calibrated for 1% FPR on ~570 pooled "
-    "negatives (seed + public + general chat), the scam threshold (0.86) sits above this clear chat scam "
-    "(score 0.77); recall at threshold on the seed chat test split is 0 (docs/benchmarks.md, [3/7])",
-)
+# Was a strict xfail while the scam threshold was calibrated over pooled public + seed negatives (0.86,
+# this scam scored 0.77). The token-level probe calibrated on general-chat answers fires on it
+# (score 0.976, threshold 0.872; docs/benchmarks.md, [3/7]).
 def test_shipped_scam_detector_fires_on_a_clear_chat_scam(real_lm: Any) -> None:
     assert _scores(real_lm)["scam"]["fired"]["scam"]

@@ -20,10 +20,10 @@ SCAM_TURN = (
 )
 
 
-# The shipped scam threshold is calibrated for 1% FPR over pooled negatives and sits above most chat scams
-# (docs/benchmarks.md, [3/7]); the end-to-end block cases use the shipped detector with this test policy.
-# Its threshold is a pipeline check, not a quality claim: some benign answers score as high (measured: a
-# houseplant-care list 0.84, a thank-you note 0.25, the scam message 0.79).
+# The end-to-end block cases use the shipped scam detector with this test policy (the default policy blocks
+# only at 0.98). Its threshold is a pipeline check, not a quality claim (measured with the token-level
+# probe: the scam message 0.99, the store-hours message 0.55, a thank-you note 0.42; docs/benchmarks.md,
+# [3/7]).
 E2E_POLICY = """
 name: e2e
 rules:
@@ -88,7 +88,7 @@ def test_shadow_mode_blocks_a_scam_turn(real_server: Any) -> None:
 
 def test_default_policy_flags_a_scam_turn_and_not_a_thank_you_note(real_data_dir: Path) -> None:
     """The shipped policy with the shipped detectors: start-up checks pass (steer source, calibrated
-    aggregations, operating points), and the 5 % scam operating point flags a written scam."""
+    aggregations, operating points), and the calibrated scam flag fires on a written scam."""
     from monitor.background import serve_in_thread
     from monitor.runtime import load_runtime
     from monitor.server import create_app

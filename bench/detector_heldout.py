@@ -1,0 +1,123 @@
+"""Held-out chat figures for detector sets: seed TEST positives vs seed test negatives + the monitored
+model's own held-out answers (bench/detector_hardneg.py's `test.jsonl`).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/detector_heldout.py \\
+        --set old=/tmp/fw_old/detectors --set new=sae_assets/smollm2-135m-l15/detectors \\
+        --hardneg ~/.cache/featurewatch/hardneg/test.jsonl --json-out /tmp/heldout.json
+
+Every detector set is scored in one batched pass per record, as `featurewatch score` does (completion
+tokens, each spec's own aggregation), records cut to --max-tokens. Per concept and set: AUROC of the
+seed test positives against all held-out negatives, and at the spec's threshold (1 %) and each
+operating point: recall on the seed test positives, FPR on the model's answers and on the seed test
+negatives. Nothing here is used to fit or calibrate anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", action="append", required=True, help="LABEL=detectors folder; repeatable.")
+    ap.add_argument("--hardneg", type=Path, required=True, help="Held-out negatives (JSON Lines).")
+    ap.add_argument("--concepts", default="scam,deception,bias")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--max-tokens", type=int, default=192)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--json-out", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    from tqdm import tqdm
+
+    from detectors.calibrate import auroc
+    from detectors.datasets import load_seed, read_records, truncate_records
+    from detectors.registry import load_detector
+    from detectors.scoring import Scorer
+    from monitor.model import load_model
+    from sae_assets.registry import DEFAULT_SAE, resolve_sae_path
+    from sae_assets.sae import SAE
+
+    concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
+    sets = dict(s.split("=", 1) for s in args.set)
+    lm = load_model(args.model, device="cpu")
+    sae = SAE.load(resolve_sae_path(DEFAULT_SAE))
+    dets = {
+        f"{label}:{c}": load_detector(c, Path(folder).expanduser(), sae, model=lm.model)
+        for label, folder in sets.items()
+        for c in concepts
+    }
+    hard = [{**r, "label": 0, "origin": "hardneg"} for r in read_records(args.hardneg.expanduser())]
+    recs: list[dict[str, Any]] = []
+    for c in concepts:
+        recs += [{**r, "origin": f"seed:{c}"} for r in load_seed(c, "test")]
+    recs += hard
+    recs = truncate_records(recs, lm.tokenizer, args.max_tokens)
+    scorer = Scorer(lm.model, lm.tokenizer, sae, dets, top_k=0)
+    res = list(tqdm(scorer.score_records(recs, args.batch_size), total=len(recs), desc="score"))
+    bad = [r for r in res if "error" in r]
+    if bad:
+        raise SystemExit(f"{len(bad)} records failed: {bad[0]['error']}")
+    rows = []
+    for key, det in dets.items():
+        label, c = key.split(":")
+        s = torch.tensor([r["scores"][key] for r in res], dtype=torch.float64)
+        origin = [r["origin"] for r in recs]
+        lab = torch.tensor([int(r["label"]) for r in recs])
+        seed = torch.tensor([o == f"seed:{c}" for o in origin])
+        hn = torch.tensor([o == "hardneg" for o in origin])
+        pos, seed_neg, hn_neg = s[seed & (lab == 1)], s[seed & (lab == 0)], s[hn]
+        points = {
+            "1%": det.spec.threshold,
+            **{f"{float(k):.0%}": v for k, v in det.spec.operating_points.items()},
+        }
+        row: dict[str, Any] = {
+            "set": label,
+            "concept": c,
+            "n_pos": len(pos),
+            "n_seed_neg": len(seed_neg),
+            "n_hardneg": len(hn_neg),
+            "auroc": auroc(pos, torch.cat([seed_neg, hn_neg])),
+            "auroc_vs_hardneg": auroc(pos, hn_neg),
+            "hardneg_median": float(hn_neg.median()),
+            "points": {},
+        }
+        for name, thr in points.items():
+            row["points"][name] = {
+                "threshold": thr,
+                "recall": float((pos >= thr).double().mean()),
+                "fpr_hardneg": float((hn_neg >= thr).double().mean()),
+                "fpr_seed_neg": float((seed_neg >= thr).double().mean()),
+            }
+        rows.append(row)
+    print("| set | concept | AUROC all / answers | point | threshold | recall | FPR answers | FPR seed neg |")
+    print("|---|---|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        for name, p in r["points"].items():
+            print(
+                f"| {r['set']} | {r['concept']} | {r['auroc']:.3f} / {r['auroc_vs_hardneg']:.3f} | {name} | "
+                f"{p['threshold']:.4f} | {p['recall']:.2f} | {p['fpr_hardneg']:.3f} | "
+                f"{p['fpr_seed_neg']:.3f} |"
+            )
+    if args.json_out:
+        per_record = [
+            {
+                "id": r["id"],
+                "origin": r["origin"],
+                "label": r["label"],
+                "kind": r.get("kind"),
+                "scores": o["scores"],
+            }
+            for r, o in zip(recs, res, strict=True)
+        ]
+        body = {"rows": rows, "records": per_record}
+        args.json_out.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

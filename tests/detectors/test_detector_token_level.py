@@ -1,0 +1,213 @@
+"""Token-level probe training, calibration-split selection / operating points, the activation cache, and the
+CLI options that expose them (tiny model, fast)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import detectors.build as build
+from detectors.base import TokenFeatures
+from detectors.build import (
+    Corpus,
+    TokenRows,
+    build_concept_detectors,
+    calib_recall,
+    parse_agg,
+    token_table,
+)
+from detectors.registry import load_detectors
+from detectors.spec import load_spec
+from monitor.cli import app
+from sae_assets.sae import SAE, SAEConfig, SAEMetadata
+
+POS = "Verify your bank password at this link now"
+NEG = "The quick brown fox jumps over the lazy dog"
+
+
+def _chat(i: int, label: int, split: str) -> dict[str, Any]:
+    text = f"{POS if label else NEG} {i}."
+    msgs = [{"role": "user", "content": f"Ask {i} {label}"}, {"role": "assistant", "content": text}]
+    return {"id": f"t{label}-{i}", "label": label, "split": split, "messages": msgs}
+
+
+def _sae(folder: Path) -> SAE:
+    meta = SAEMetadata(hook_name="blocks.2.hook_resid_post", extra={"hf_hook_point": "model.layers.2"})
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(architecture="standard", d_in=32, d_sae=16, metadata=meta))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 1.0)
+    sae.save(folder)
+    return sae
+
+
+def test_parse_agg_and_token_table_weights() -> None:
+    assert parse_agg("mean").kind == "mean"
+    top = parse_agg("topk_mean:8")
+    assert top.kind == "topk_mean" and top.k == 8
+    feats = [TokenFeatures(resid={"model.layers.2": torch.randn(n, 4)}) for n in (10, 3, 50)]
+    corpus = Corpus(feats, torch.tensor([1, 0, 0]), ["a", "b", "c"], {})
+    x, owner, weight = token_table(corpus, ["model.layers.2"], TokenRows(skip=2, max_rows=16))
+    # 10 → 8 rows after skipping 2; 3 → 1; 50 → 48 → 16 evenly spaced
+    assert owner.tolist().count(0) == 8 and owner.tolist().count(1) == 1 and owner.tolist().count(2) == 16
+    assert x.shape == (25, 4)
+    for i in range(3):  # every record weighs 1 in total
+        assert float(weight[owner == i].sum()) == pytest.approx(1.0)
+
+
+def test_weighted_fit_equals_duplicated_rows() -> None:
+    """Row weights act like repeated rows, and classes are balanced by weight totals (not row counts)."""
+    from detectors.linear import fit_logistic
+
+    g = torch.Generator().manual_seed(0)
+    xp, xn = torch.randn(40, 3, generator=g) + 1.0, torch.randn(90, 3, generator=g)
+    kw: dict[str, Any] = {"C": 0.5, "standardise": False}  # duplicating rows would move mean / std
+    a = fit_logistic(xp, xn, w_pos=torch.full((40,), 2.0), w_neg=torch.ones(90), **kw)
+    b = fit_logistic(torch.cat([xp, xp]), xn, w_pos=torch.ones(80), w_neg=torch.ones(90), **kw)
+    c = fit_logistic(torch.cat([xp, xp]), xn, **kw)  # no weights: sklearn's row-count balancing
+    for other in (b, c):
+        assert torch.allclose(a.weight, other.weight, atol=1e-3) and abs(float(a.bias - other.bias)) < 1e-3
+
+
+def test_calib_recall_uses_each_folds_own_threshold() -> None:
+    folds = torch.tensor([0, 0, 1, 1])
+    oof = torch.tensor([0.9, 0.1, 0.6, 0.2], dtype=torch.float64)
+    positives = torch.tensor([True, False, True, False])
+    calib = [torch.tensor([0.5, 0.4]), torch.tensor([0.7, 0.1])]  # fold 1's model scores calib higher
+    assert calib_recall(oof, calib, folds, positives, 0.4) == 0.5  # 0.9 ≥ 0.5 fires, 0.6 < 0.7 does not
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SAE, list[Any], list[Any], list[Any]]:
+    folder = tmp_path_factory.mktemp("tok")
+    sae = _sae(folder)
+    train = [_chat(i, lab, "train") for i in range(12) for lab in (0, 1)]
+    test = [_chat(i, lab, "test") for i in range(12, 16) for lab in (0, 1)]
+    calib = [{"id": f"c{i}", "label": 0, **_chat(100 + i, 0, "calib")} for i in range(10)]
+    return folder, sae, train, calib, test
+
+
+def test_token_level_build_with_calibration_split(
+    toy: tuple[Path, SAE, list[Any], list[Any], list[Any]], tiny_lm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, sae, train, calib, test = toy
+    cache = folder / "cache"
+    kw: dict[str, Any] = {
+        "test_records": test,
+        "layers": ["model.layers.2"],
+        "n_latents": 4,
+        "pools": ("token",),
+        "token_rows": TokenRows(skip=1, max_rows=8),
+        "select_by": "calib_recall",
+        "select_fpr": 0.2,
+        "calib_only": True,
+        "operating_fprs": (0.2,),
+        "cache_dir": cache,
+    }
+    result = build_concept_detectors(
+        tiny_lm.model, tiny_lm.tokenizer, sae, "toy", train, calib, folder / "detectors", **kw
+    )
+    probe = result.specs["toy_probe"]
+    ev = probe.eval
+    assert ev["train"]["variant"]["pool"] == "token" and ev["train"]["token_rows"] == {
+        "skip": 1,
+        "max_rows": 8,
+    }
+    assert set(ev["variants_auroc_oof"]) == {
+        f"pool=token,agg={a},C={c}" for a in ("mean", "topk_mean:8") for c in (0.001, 0.01, 0.1)
+    }
+    assert ev["selection"]["by"] == "calib_recall@0.2" and len(ev["selection"]["variants"]) == 6
+    assert ev["calibration"] == {"n_neg_oof": 0, "n_neg_extra": 10, "n_skipped_no_completion": 0}
+    assert set(probe.operating_points) == {"0.2"} and probe.operating_points["0.2"] <= probe.threshold
+    assert ev["operating_points"]["0.2"]["n_pos"] == 4 and ev["test"]["n_neg"] == 4
+    assert ev["auroc_test"] > 0.8  # the toy concept is separable token by token too
+    # the written spec loads and scores like any probe (no new required field)
+    dets = load_detectors(["toy_probe"], folder / "detectors", sae, model=tiny_lm.model)
+    assert dets["toy_probe"].spec.aggregation.kind in ("mean", "topk_mean")
+    shipped = load_spec(folder / "detectors" / "toy.yaml")
+    assert "0.2" in shipped.operating_points and shipped.kind == result.selected
+    # every record is cached; a rerun reads the cache and runs no forward pass
+    assert len(list(cache.glob("*/*.safetensors"))) == len(train) + len(calib) + len(test)
+
+    def boom(*a: Any, **k: Any) -> Any:
+        raise AssertionError("forward pass despite the cache")
+
+    monkeypatch.setattr(build, "iter_token_features", lambda *a, **k: iter(()) if not a[2] else boom())
+    again = build_concept_detectors(
+        tiny_lm.model, tiny_lm.tokenizer, sae, "toy", train, calib, folder / "again", **kw
+    )
+    assert again.specs["toy_probe"].threshold == pytest.approx(probe.threshold, abs=1e-9)
+
+
+def test_build_rejects_unknown_pools(
+    toy: tuple[Path, SAE, list[Any], list[Any], list[Any]], tiny_lm: Any
+) -> None:
+    from detectors.errors import DetectorError
+
+    folder, sae, train, calib, _ = toy
+    with pytest.raises(DetectorError, match="pools"):
+        build_concept_detectors(
+            tiny_lm.model, tiny_lm.tokenizer, sae, "toy", train, calib, folder / "x", pools=("span",)
+        )
+
+
+def test_cli_train_token_level_and_eval_neg_suite(tmp_path: Path, tiny_model_dir: Path) -> None:
+    runner = CliRunner()
+    folder = tmp_path / "sae"
+    _sae(folder)
+    recs = [_chat(i, lab, "test" if i % 4 == 0 else "train") for i in range(16) for lab in (0, 1)]
+    (folder / "concepts").mkdir()
+    (folder / "concepts" / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    negs = [{k: v for k, v in _chat(200 + i, 0, "").items() if k != "split"} for i in range(8)]
+    calib, held = tmp_path / "calib.jsonl", tmp_path / "heldneg.jsonl"
+    calib.write_text("".join(json.dumps(r) + "\n" for r in negs[:5]))
+    held.write_text("".join(json.dumps(r) + "\n" for r in negs[5:]))
+    common = ["--sae", str(folder), "--model", str(tiny_model_dir), "--device", "cpu", "--no-progress"]
+    args = ["detectors", "train", "--concept", "toy", "--layers", "model.layers.2", *common]
+    bad = runner.invoke(app, [*args, "--pools", "mean,span"])
+    assert bad.exit_code == 2 and "--pools" in bad.output
+    bad = runner.invoke(app, [*args, "--operating-points", "0.9"])
+    assert bad.exit_code == 2 and "--operating-points" in bad.output
+    bad = runner.invoke(app, [*args, "--calib-only"])
+    assert bad.exit_code == 2 and "--calib" in bad.output
+    res = runner.invoke(
+        app,
+        [
+            *args,
+            "--pools",
+            "mean,token",
+            "--token-rows",
+            "4",
+            "--calib",
+            str(calib),
+            "--calib-only",
+            "--select-by",
+            "calib_recall",
+            "--operating-points",
+            "0.2",
+            "--test",
+            str(held),
+            "--cache",
+            str(tmp_path / "cache"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    spec = load_spec(folder / "detectors" / "toy_probe.yaml")
+    assert spec.eval["test"]["n_neg"] == 4 + 3 and "0.2" in spec.operating_points
+    assert spec.eval["calibration"]["n_neg_oof"] == 0
+    by_pool = spec.eval["by_pool"]  # the best of each training unit, on the same held-out records
+    assert set(by_pool) == {"mean", "token"} and all(p["test"]["n_neg"] == 7 for p in by_pool.values())
+    assert by_pool[spec.eval["train"]["variant"]["pool"]]["threshold"] == spec.threshold
+    assert set(spec.eval["test_fpr_by_source"]) == {"seed", "other"}  # seed test vs the --test file
+    report = tmp_path / "eval.md"
+    res = runner.invoke(
+        app,
+        ["detectors", "eval", "--concepts", "toy", "--out", str(report), "--neg-suite", str(held), *common],
+    )
+    assert res.exit_code == 0, res.output
+    assert "| seed-test+heldneg | 4 / 7 | tfidf |" in report.read_text()
