@@ -23,7 +23,7 @@ import torch
 from detectors.aggregate import Aggregation, RunningAggregate, aggregate
 from detectors.base import Detector, TokenFeatures
 from monitor.conversation import History
-from policies.evaluate import Phase, PolicyState, Verdict
+from policies.evaluate import Phase, PolicyState, Verdict, fired_rules
 from policies.schema import Policy
 
 Labels = Callable[[int], str]
@@ -243,17 +243,7 @@ class RequestMonitor:
             "verdict": v.action,
             "prompt_verdict": self.prompt_verdict.action if self.prompt_verdict else None,
             "policy": f"{self.policy.name}@{self.policy.version}",
-            "rules": [
-                {
-                    "id": f.rule_id,
-                    "detector": f.detector,
-                    "action": f.action,
-                    "value": None if f.value is None else round(f.value, 4),
-                    "threshold": None if f.threshold is None else round(f.threshold, 4),
-                    **({"error": f.error} if f.error else {}),
-                }
-                for f in v.fired
-            ],
+            "rules": fired_rules(v),
             "scores": {k: round(a.value, 4) for k, a in self.values.items()},
             "peak_token_scores": {k: round(x, 4) for k, x in self.peaks.items()},
             "prompt_scores": {k: round(x, 4) for k, x in self.prompt_values.items()},

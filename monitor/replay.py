@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from detectors.aggregate import Aggregation
-from policies.evaluate import PolicyState, Verdict, resolve_aggregation
+from policies.evaluate import PolicyState, Verdict, fired_rules, resolve_aggregation
 from policies.schema import Policy, Rule
 
 AUDITED_ONLY = (
@@ -149,7 +149,7 @@ def replay_record(policy: Policy, rec: dict[str, Any], ctx: ReplayContext) -> Re
         tenant=tenant,
         happened=str(rec.get("verdict")),
         would=verdict.action,
-        rules=_rules(verdict),
+        rules=fired_rules(verdict),
         changed=verdict.action != rec.get("verdict"),
         note="; ".join(notes) or None,
         blocked_at=blocked_at,
@@ -236,17 +236,3 @@ def _prompt_exact(rule: Rule, ctx: ReplayContext) -> bool:
     agg, _ = resolve_aggregation(rule, ctx.aggregations)
     own = ctx.aggregations.get(rule.detector)
     return agg is not None and agg == own and agg.kind in _EXACT_PROMPT_KINDS
-
-
-def _rules(v: Verdict) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": f.rule_id,
-            "detector": f.detector,
-            "action": f.action,
-            "value": None if f.value is None else round(f.value, 4),
-            "threshold": None if f.threshold is None else round(f.threshold, 4),
-            **({"error": f.error} if f.error else {}),
-        }
-        for f in v.fired
-    ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from detectors.aggregate import Aggregation, RunningAggregate, aggregate
 from policies import conversation as conv
@@ -375,3 +375,19 @@ class PolicyState:
         if explicit is not None:
             return explicit
         return NON_FINITE if any(k in self._non_finite for k in keys) else None
+
+
+def fired_rules(v: Verdict) -> list[dict[str, Any]]:
+    """The fired rules as the monitor reports them (responses, audit records; replay compares
+    against these): values rounded to 4 decimals."""
+    return [
+        {
+            "id": f.rule_id,
+            "detector": f.detector,
+            "action": f.action,
+            "value": None if f.value is None else round(f.value, 4),
+            "threshold": None if f.threshold is None else round(f.threshold, 4),
+            **({"error": f.error} if f.error else {}),
+        }
+        for f in v.fired
+    ]
