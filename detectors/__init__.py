@@ -12,6 +12,7 @@ from detectors.aggregate import (
     aggregate,
     count_over,
     ema,
+    last_mean,
     sustained,
     topk_mean,
 )
@@ -92,6 +93,7 @@ __all__ = [
     "fit_link",
     "fit_logistic",
     "iter_token_features",
+    "last_mean",
     "load_detector",
     "load_detectors",
     "load_probe",

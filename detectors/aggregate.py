@@ -9,6 +9,9 @@ Definitions (T tokens s_1..s_T; every aggregation of an empty sequence is 0.0):
 - max:               max_t s_t
 - mean:              (s_1 + … + s_T) / T, summed left to right
 - topk_mean(k):      mean of the min(k, T) largest scores
+- last_mean(k):      mean of the last min(k, T) scores (math.fsum): the end of a statement, where a
+                     truth probe reads best (Marks & Tegmark's end-of-statement tokens); mid-stream it is
+                     the mean of the k most recent tokens, so it can fall as well as rise
 - ema(window):       e_0 = 0, e_t = α·s_t + (1−α)·e_{t−1} with α = 2/(window+1); returns max_t e_t.
                      Starting from 0 (not s_1) makes a one-token spike count the same anywhere in the text.
 - count_over(thr):   the NUMBER of tokens with s_t ≥ thr (a count, not a fraction, so it never shrinks as
@@ -28,12 +31,13 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-AggKind = Literal["max", "mean", "topk_mean", "ema", "count_over", "sustained"]
+AggKind = Literal["max", "mean", "topk_mean", "last_mean", "ema", "count_over", "sustained"]
 # Parameters each kind needs; every other parameter must be left out.
 PARAMS: dict[str, tuple[str, ...]] = {
     "max": (),
     "mean": (),
     "topk_mean": ("k",),
+    "last_mean": ("k",),
     "ema": ("window",),
     "count_over": ("threshold",),
     "sustained": ("threshold", "n"),
@@ -106,6 +110,11 @@ def topk_mean(scores: Scores, k: int) -> float:
     return math.fsum(v) / len(v) if v else 0.0
 
 
+def last_mean(scores: Scores, k: int) -> float:
+    v = _values(scores)[-k:]
+    return math.fsum(v) / len(v) if v else 0.0
+
+
 def ema(scores: Scores, window: int) -> float:
     alpha = 2.0 / (window + 1)
     e, best = 0.0, 0.0
@@ -136,6 +145,9 @@ def aggregate(scores: Scores, agg: Aggregation) -> float:
     if agg.kind == "topk_mean":
         assert agg.k is not None
         return topk_mean(scores, agg.k)
+    if agg.kind == "last_mean":
+        assert agg.k is not None
+        return last_mean(scores, agg.k)
     if agg.kind == "ema":
         assert agg.window is not None
         return ema(scores, agg.window)
@@ -162,6 +174,7 @@ class RunningAggregate:
         self._count = 0
         self._heap: list[float] = []  # topk_mean: min-heap of the k largest scores
         self._window: deque[tuple[int, float]] = deque()  # sustained: candidates for the window min
+        self._last: deque[float] = deque(maxlen=self.agg.k or 1)  # last_mean: the k most recent scores
 
     @property
     def value(self) -> float:
@@ -172,6 +185,8 @@ class RunningAggregate:
             return self._sum / self.n_tokens
         if kind == "topk_mean":
             return math.fsum(self._heap) / len(self._heap)
+        if kind == "last_mean":
+            return math.fsum(self._last) / len(self._last)
         if kind == "count_over":
             return float(self._count)
         if kind == "sustained":
@@ -207,6 +222,9 @@ class RunningAggregate:
             heapq.heappush(self._heap, s)
         elif s > self._heap[0]:
             heapq.heapreplace(self._heap, s)
+
+    def _update_last_mean(self, s: float, first: bool) -> None:
+        self._last.append(s)
 
     def _update_ema(self, s: float, first: bool) -> None:
         assert self.agg.window is not None

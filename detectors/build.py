@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -40,7 +40,7 @@ from detectors.calibrate import auroc, metrics, threshold_for_fpr
 from detectors.datasets import group_key, monitored_text, stable_hash, truncate_records
 from detectors.discover import make_sae_features_spec, rank_latents
 from detectors.errors import DetectorError
-from detectors.extract import Pool, iter_token_features, sae_hook_point
+from detectors.extract import iter_token_features, sae_hook_point
 from detectors.probe import ProbeDetector, save_probe, train_probe
 from detectors.registry import available_detectors
 from detectors.sae_features import SaeFeaturesDetector
@@ -55,8 +55,8 @@ Labels = Callable[[int], str]
 @dataclass(frozen=True)
 class Variant:
     kind: str
-    pool: str  # "mean" / "max": one pooled row per record; "token": one row per completion token
-    agg: str  # "mean", "max" or "topk_mean:K"
+    pool: str  # "mean" / "max" / "last:K": one pooled row per record; "token": one row per completion token
+    agg: str  # "mean", "max", "topk_mean:K" or "last_mean:K"
     C: float = 1.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -64,9 +64,9 @@ class Variant:
 
 
 def parse_agg(agg: str) -> Aggregation:
-    """A variant's aggregation name as an Aggregation ("topk_mean:8" → top-8 mean)."""
+    """A variant's aggregation name as an Aggregation ("topk_mean:8" → top-8 mean, "last_mean:2")."""
     kind, _, k = agg.partition(":")
-    return Aggregation(kind="topk_mean", k=int(k)) if k else Aggregation.model_validate(kind)
+    return Aggregation.model_validate({"kind": kind, "k": int(k)} if k else kind)
 
 
 # C = 0.001 was added when public training data came in: with ~1,000 records of 576–1,152 features the
@@ -83,7 +83,24 @@ VARIANTS += [Variant("sae_features", p, a) for p in ("max", "mean") for a in ("m
 TOKEN_VARIANTS = [
     Variant("probe", "token", a, c) for a in ("mean", "topk_mean:8") for c in (0.001, 0.01, 0.1)
 ]
-POOLS = ("mean", "max", "token")
+POOLS = ("mean", "max", "token", "last:K")
+
+
+def last_pool_k(pool: str) -> int | None:
+    """K of a "last:K" pool (the mean of a record's last K completion tokens), else None."""
+    name, _, k = pool.partition(":")
+    return int(k) if name == "last" and k.isdigit() and int(k) >= 1 else None
+
+
+def valid_pool(pool: str) -> bool:
+    return pool in ("mean", "max", "token") or last_pool_k(pool) is not None
+
+
+def last_variants(pool: str) -> list[Variant]:
+    """A "last:K" fit (a truth probe reads the end of a statement: bench/detector_falsehood.py) is served
+    as the mean of the last K token scores, or as the max over tokens (for answers of several sentences)."""
+    k = last_pool_k(pool)
+    return [Variant("probe", pool, a, c) for a in (f"last_mean:{k}", "max") for c in (0.001, 0.01, 0.1)]
 
 
 @dataclass(frozen=True)
@@ -226,9 +243,13 @@ class ActivationCache:
         tmp.replace(path)
 
 
-def pooled_table(corpus: Corpus, what: str, pool: Pool, point: str, sae: SAE | None = None) -> Tensor:
+def pooled_table(corpus: Corpus, what: str, pool: str, point: str, sae: SAE | None = None) -> Tensor:
     """(N, D) pooled residuals at `point` (what="resid") or all SAE latents (what="latents"), cached."""
     key = (what, point)
+    k_last = last_pool_k(pool)
+    if k_last is not None and (*key, pool) not in corpus.pooled:
+        last = [_last_rows(f, what, point, k_last, sae) for f in corpus.feats]
+        corpus.pooled[(*key, pool)] = torch.stack(last) if last else torch.zeros(0, 0)
     if (*key, pool) not in corpus.pooled:
         rows: dict[str, list[Tensor]] = {"max": [], "mean": []}
         for f in corpus.feats:  # both pools in one pass: encoding all latents is the costly part
@@ -243,6 +264,16 @@ def pooled_table(corpus: Corpus, what: str, pool: Pool, point: str, sae: SAE | N
         for p, r in rows.items():
             corpus.pooled[(*key, p)] = torch.stack(r) if r else torch.zeros(0, 0)
     return corpus.pooled[(*key, pool)]
+
+
+def _last_rows(f: TokenFeatures, what: str, point: str, k: int, sae: SAE | None) -> Tensor:
+    """(D,) mean of the last k tokens' residuals (or SAE latents) of one record."""
+    x = f.resid_at(point).float()[-k:]  # (≤k, d_in)
+    if what == "latents":
+        assert sae is not None
+        with torch.inference_mode():
+            x = sae.encode(x.to(sae.W_enc.device)).float().cpu()  # (≤k, d_sae)
+    return x.mean(dim=0) if x.shape[0] else torch.zeros(x.shape[1])
 
 
 def token_table(corpus: Corpus, points: Sequence[str], rows: TokenRows) -> tuple[Tensor, Tensor, Tensor]:
@@ -302,8 +333,7 @@ class _Fitter:
             y = self.c.labels[owner]
             fit = train_probe(x[y == 1], x[y == 0], C=v.C, w_pos=weight[y == 1], w_neg=weight[y == 0])
         else:
-            pool = cast(Pool, v.pool)
-            x = torch.cat([pooled_table(self.c, "resid", pool, p) for p in self.points], dim=1)
+            x = torch.cat([pooled_table(self.c, "resid", v.pool, p) for p in self.points], dim=1)
             fit = train_probe(
                 x[pos],
                 x[neg],
@@ -327,7 +357,7 @@ class _Fitter:
                 weights_file=f"{name}.safetensors",
             )
             return ProbeDetector(probe, fit, []), fit
-        x = pooled_table(self.c, "latents", cast(Pool, v.pool), self.sae_point, self.sae)
+        x = pooled_table(self.c, "latents", v.pool, self.sae_point, self.sae)
         ranked = rank_latents(x[pos], x[neg])
         if self.labels is not None:
             ranked = [replace(r, label=self.labels(r.latent_id)) for r in ranked[: self.n]]
@@ -428,7 +458,7 @@ def build_concept_detectors(
     `pools`: the probe training units to try ("mean", "max", "token"); `token_rows`: which tokens a
     token-level fit reads. `select_by`: "auroc_oof" or "calib_recall" (see the module doc).
     `calib_only`: thresholds from `calib_records` alone. `operating_fprs`: extra operating points."""
-    unknown = [p for p in pools if p not in POOLS]
+    unknown = [p for p in pools if not valid_pool(p)]
     if unknown or not pools:
         raise DetectorError(f"pools {list(pools)}: each must be one of {', '.join(POOLS)}")
     if select_by not in ("auroc_oof", "calib_recall"):
@@ -466,6 +496,7 @@ def build_concept_detectors(
     everything = torch.arange(len(train.feats))
     variants = [v for v in VARIANTS if v.kind != "probe" or v.pool in pools]
     variants += [v for v in TOKEN_VARIANTS if "token" in pools]
+    variants += [v for p in pools if last_pool_k(p) is not None for v in last_variants(p)]
     test_sources = [_sources(r)[0] for r in test_records]
 
     def held_out(det: Detector, thr: float, op_thr: dict[str, float]) -> dict[str, Any]:

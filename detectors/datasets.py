@@ -31,7 +31,7 @@ from sae_assets.registry import ASSETS_DIR, DEFAULT_SAE
 from sae_assets.text import read_jsonl
 
 Split = Literal["train", "test"]
-SEED_CONCEPTS: tuple[str, ...] = ("scam", "deception", "bias")
+SEED_CONCEPTS: tuple[str, ...] = ("scam", "deception", "bias", "falsehood")
 GROUP_KEYS: tuple[str, ...] = ("pair_id", "group_id", "question_id")
 DEFAULT_PROMPT = "Write a message."
 _QA = re.compile(r"^Q: (?P<q>.*?)\nA: (?P<a>.*)$", re.S)
@@ -321,6 +321,37 @@ EVAL_SUITES: dict[str, list[EvalSuite]] = {
             300,
             "Write a hotel review.",
             "fabricated vs genuine reviews",
+        ),
+    ],
+    # falsehood: the statement's truth value, not intent (deception's suites include the same data, read
+    # there as "does the intent-to-deceive detector see falsehood"). cities has 1,496 statements; its
+    # train split (~700) is all used for training, since a truth probe is data-bound there (~0.93 AUROC).
+    "falsehood": [
+        EvalSuite(
+            "got-cities",
+            "deception_geometry_of_truth",
+            {"subset": ("cities",)},
+            800,
+            "State a fact.",
+            "false vs true templated statements",
+        ),
+        EvalSuite(
+            "got-other",
+            "deception_geometry_of_truth",
+            {
+                "subset": (
+                    "neg_cities",
+                    "sp_en_trans",
+                    "larger_than",
+                    "companies_true_false",
+                    "common_claim_true_false",
+                )
+            },
+            400,
+            "State a fact.",
+        ),
+        EvalSuite(
+            "truthfulqa", "deception_truthfulqa", {}, 400, None, "imitative falsehoods, split by question"
         ),
     ],
     "bias": [

@@ -170,7 +170,8 @@ def _print_ranks(ranked: list[Any], n_pos: int, n_neg: int) -> None:
 @detectors_app.command("train")
 def train_cmd(
     concept: Annotated[
-        str, typer.Option("--concept", help="Concept name(s), comma-separated: scam,deception,bias.")
+        str,
+        typer.Option("--concept", help="Concept name(s), comma-separated: scam,deception,bias,falsehood."),
     ],
     train: FilesOpt = None,
     calib: Annotated[
@@ -213,7 +214,8 @@ def train_cmd(
         str,
         typer.Option(
             "--pools",
-            help="Probe training units: mean, max (pooled per record), token (each completion token a row).",
+            help="Probe training units: mean, max (pooled per record), last:K (mean of the last K tokens), "
+            "token (each completion token a row).",
         ),
     ] = "mean,max",
     token_skip: Annotated[
@@ -270,13 +272,13 @@ def train_cmd(
     per public eval suite from the datasets' train splits (never their test splits, which `detectors eval`
     reports); the spec records this so that eval trains its TF-IDF baseline on the same records.
     """
-    from detectors.build import POOLS, TokenRows
+    from detectors.build import POOLS, TokenRows, valid_pool
     from detectors.datasets import DatasetError, TrainingData, load_seed, stable_hash
 
     concepts = _names(concept)
     only = _public_suites(public_suites, concepts)  # before loading the model: fail fast
     pool_list = _names(pools)
-    if not pool_list or any(p not in POOLS for p in pool_list):
+    if not pool_list or not all(valid_pool(p) for p in pool_list):
         raise fail(f"--pools: {pools!r}; each must be one of {', '.join(POOLS)}")
     if select_by not in ("auroc_oof", "calib_recall"):
         raise fail(f"--select-by: {select_by!r} is not one of auroc_oof, calib_recall")
@@ -482,7 +484,7 @@ def calibrate_cmd(
 def eval_cmd(
     concepts: Annotated[
         str, typer.Option("--concepts", help="Comma-separated concepts.")
-    ] = "scam,deception,bias",
+    ] = "scam,deception,bias,falsehood",
     max_per_suite: Annotated[
         int | None, typer.Option("--max-per-suite", min=2, help="Cap per suite.")
     ] = None,

@@ -136,6 +136,8 @@ def evaluate(
             value, error, n = _rule_value(rule, agg, index, phase, aggregations)
         if error is None and not final and n is not None and n < rule.min_tokens:
             continue  # not enough tokens yet to judge
+        if error is None and not final and rule.final_only:
+            continue  # judged once the message has ended
         outcomes.append(judge(rule, value, error, policy.defaults, thresholds, clamps))
     return combine(outcomes)
 
@@ -354,6 +356,8 @@ class PolicyState:
             error = self._agg_errors[i] or self._stream_error(rule)
             if error is None and not self.final and self._aggs[i].n_tokens < rule.min_tokens:
                 continue  # not enough tokens yet to judge
+            if error is None and not self.final and rule.final_only:
+                continue  # judged once the message has ended
             value = None if error is not None else self._aggs[i].value
             outcomes.append(judge(rule, value, error, self.policy.defaults, self.thresholds, self.clamps))
         return combine(outcomes)

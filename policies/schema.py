@@ -105,6 +105,22 @@ class Rule(BaseModel):
     # The rule waits until its scope has this many scored tokens (or the message has ended): a mean over
     # the first token or two is noise. The server holds back min_tokens-1 tokens for block rules.
     min_tokens: int = Field(default=0, ge=0)
+    # Judged only once the message has ended, on the whole message: for aggregations that read the end
+    # of a statement (last_mean), whose mid-stream value is the newest tokens'. log / flag only: a block
+    # or steer decided after the message has ended would come too late to act.
+    final_only: bool = False
+
+    @field_validator("final_only")
+    @classmethod
+    def _final_only_records(cls, final_only: bool, info: ValidationInfo) -> bool:
+        action, scope = info.data.get("action"), info.data.get("scope")
+        if final_only and action in ("block", "steer"):
+            raise ValueError(
+                f"only for action log or flag: a {action} judged after the message ended cannot act"
+            )
+        if final_only and scope in ("prompt", CONVERSATION):
+            raise ValueError(f"only for scope completion or both (this rule's scope is {scope})")
+        return final_only
 
     @field_validator("threshold", mode="before")
     @classmethod

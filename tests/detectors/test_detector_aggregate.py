@@ -14,6 +14,7 @@ from detectors.aggregate import (
     aggregate,
     count_over,
     ema,
+    last_mean,
     sustained,
     topk_mean,
 )
@@ -24,6 +25,8 @@ ALL_KINDS = [
     Aggregation(kind="mean"),
     Aggregation(kind="topk_mean", k=1),
     Aggregation(kind="topk_mean", k=3),
+    Aggregation(kind="last_mean", k=1),
+    Aggregation(kind="last_mean", k=2),
     Aggregation(kind="ema", window=1),
     Aggregation(kind="ema", window=4),
     Aggregation(kind="count_over", threshold=0.5),
@@ -37,6 +40,9 @@ def test_hand_computed_values() -> None:
     assert agg_mean(SCORES) == pytest.approx(0.48)
     assert topk_mean(SCORES, 2) == pytest.approx(0.85)
     assert topk_mean(SCORES, 10) == pytest.approx(0.48)  # k > T: all tokens
+    assert last_mean(SCORES, 1) == pytest.approx(0.2)
+    assert last_mean(SCORES, 2) == pytest.approx(0.5)  # the last two: 0.8, 0.2
+    assert last_mean(SCORES, 10) == pytest.approx(0.48)  # k > T: all tokens
     # window 3 -> alpha 0.5; trace from e0 = 0: 0.05, 0.475, 0.4375, 0.61875, 0.409375
     assert ema(SCORES, 3) == pytest.approx(0.61875)
     assert count_over(SCORES, 0.5) == 2.0
@@ -72,6 +78,8 @@ def test_aggregation_params_are_validated() -> None:
     assert Aggregation().kind == "max"
     with pytest.raises(ValidationError, match="needs k"):
         Aggregation(kind="topk_mean")
+    with pytest.raises(ValidationError, match="needs k"):
+        Aggregation(kind="last_mean")
     with pytest.raises(ValidationError, match="takes no window"):
         Aggregation(kind="max", window=3)
     with pytest.raises(ValidationError, match="threshold"):
@@ -84,3 +92,10 @@ def test_aggregation_params_are_validated() -> None:
 def test_scores_must_be_1d() -> None:
     with pytest.raises(ValueError, match="1-D"):
         agg_max(torch.zeros(2, 3))
+
+
+def test_last_mean_streams_the_most_recent_tokens() -> None:
+    """Mid-stream, last_mean follows the newest tokens: it falls when a high score scrolls out."""
+    running = RunningAggregate(Aggregation(kind="last_mean", k=2))
+    values = [running.update(s) for s in (0.9, 0.9, 0.1, 0.1)]
+    assert values == pytest.approx([0.9, 0.9, 0.5, 0.1])

@@ -122,11 +122,13 @@ def test_load_public_from_the_shared_dir(
 def test_seed_data_and_suites() -> None:
     test = load_seed("scam", "test")
     assert test and all(r["split"] == "test" for r in test)
-    with pytest.raises(DatasetError, match="available: bias, deception, scam"):
+    with pytest.raises(DatasetError, match="available: bias, deception, falsehood, scam"):
         load_seed("nope")
     names = {s.name for s in EVAL_SUITES["scam"]}
     assert {"phishing-vs-ham", "enron-spam-vs-ham", "sms-spam"} <= names
     assert {"bbq-vs-unknown", "crows-pairs"} <= {s.name for s in EVAL_SUITES["bias"]}
+    assert {"got-cities", "truthfulqa"} <= {s.name for s in EVAL_SUITES["falsehood"]}
+    assert load_seed("falsehood", "train") and load_seed("falsehood", "test")
 
 
 def test_folds_keep_groups_together() -> None:

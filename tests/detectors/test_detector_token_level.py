@@ -144,6 +144,38 @@ def test_token_level_build_with_calibration_split(
     assert again.specs["toy_probe"].threshold == pytest.approx(probe.threshold, abs=1e-9)
 
 
+def test_last_pool_fits_the_end_of_each_completion(
+    toy: tuple[Path, SAE, list[Any], list[Any], list[Any]], tiny_lm: Any
+) -> None:
+    """pool "last:K" trains on the mean of each record's last K completion tokens and is served as the
+    mean of the last K token scores (or the max): the written spec reproduces the pooled fit's ranking."""
+    folder, sae, train, calib, test = toy
+    feats = [TokenFeatures(resid={"model.layers.2": torch.arange(12.0).reshape(6, 2)})]
+    corpus = Corpus(feats, torch.tensor([1]), ["a"], {})
+    assert build.pooled_table(corpus, "resid", "last:2", "model.layers.2").tolist() == [[9.0, 10.0]]
+    assert build.valid_pool("last:3") and not build.valid_pool("last:0") and not build.valid_pool("last")
+    result = build_concept_detectors(
+        tiny_lm.model,
+        tiny_lm.tokenizer,
+        sae,
+        "toy",
+        train,
+        calib,
+        folder / "last",
+        test_records=test,
+        layers=["model.layers.2"],
+        n_latents=4,
+        pools=("last:2",),
+    )
+    ev = result.specs["toy_probe"].eval
+    assert set(ev["variants_auroc_oof"]) == {
+        f"pool=last:2,agg={a},C={c}" for a in ("last_mean:2", "max") for c in (0.001, 0.01, 0.1)
+    }
+    agg = result.specs["toy_probe"].aggregation
+    assert (agg.kind, agg.k) in (("last_mean", 2), ("max", None))
+    assert ev["auroc_test"] > 0.8
+
+
 def test_build_rejects_unknown_pools(
     toy: tuple[Path, SAE, list[Any], list[Any], list[Any]], tiny_lm: Any
 ) -> None:
@@ -153,6 +185,10 @@ def test_build_rejects_unknown_pools(
     with pytest.raises(DetectorError, match="pools"):
         build_concept_detectors(
             tiny_lm.model, tiny_lm.tokenizer, sae, "toy", train, calib, folder / "x", pools=("span",)
+        )
+    with pytest.raises(DetectorError, match="pools"):
+        build_concept_detectors(
+            tiny_lm.model, tiny_lm.tokenizer, sae, "toy", train, calib, folder / "x", pools=("last:0",)
         )
 
 

@@ -18,7 +18,7 @@ runner = CliRunner()
 def detectors_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "detectors"
     folder.mkdir()
-    for name in ("scam", "deception", "bias", "bias_sae"):
+    for name in ("scam", "deception", "bias", "bias_sae", "falsehood"):
         (folder / f"{name}.yaml").write_text(f"name: {name}\n")
     return folder
 
@@ -28,7 +28,7 @@ def test_check_default_policy_ok(detectors_dir: Path) -> None:
         policy_app, ["check", str(DEFAULT_POLICY_PATH), "--detectors-dir", str(detectors_dir)]
     )
     assert res.exit_code == 0, res.output
-    assert "OK: 7 rules" in res.stdout and "scam-completion-block" in res.stdout
+    assert "OK: 8 rules" in res.stdout and "scam-completion-block" in res.stdout
 
 
 def test_check_bad_policy_lists_every_issue(tmp_path: Path, detectors_dir: Path) -> None:
@@ -38,7 +38,8 @@ def test_check_bad_policy_lists_every_issue(tmp_path: Path, detectors_dir: Path)
     assert res.exit_code == 1
     lines = res.stdout.splitlines()
     assert lines == [
-        f"{bad}:4: rules[0].detector: unknown detector 'scamm' (valid: bias, bias_sae, deception, scam)",
+        f"{bad}:4: rules[0].detector: unknown detector 'scamm' "
+        "(valid: bias, bias_sae, deception, falsehood, scam)",
         f"{bad}:6: rules[0].action: unknown action 'blok' (valid: allow, log, flag, steer, block)",
     ]
     assert "2 issue(s)" in res.stderr

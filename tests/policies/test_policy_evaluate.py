@@ -11,6 +11,7 @@ import pytest
 
 from detectors.aggregate import Aggregation
 from policies import NON_FINITE, Finding, Phase, Policy, PolicyState, evaluate, parse_policy
+from policies.loader import PolicyError
 
 POLICY = parse_policy(
     """
@@ -319,6 +320,31 @@ def test_min_tokens_waits_mid_stream_but_not_at_the_end() -> None:
     assert state.finish().action == "block"  # the message ended: judged on what there is
     one = [Finding("scam", "completion", (0.9,))]
     assert evaluate(policy, one, final=False).action == "allow" and evaluate(policy, one).action == "block"
+
+
+def test_final_only_is_judged_when_the_message_ends() -> None:
+    """last_mean reads the end of a statement: mid-stream its value is the newest tokens', so a
+    final_only rule ignores it until the message has ended, then judges the whole message."""
+    policy = parse_policy(
+        "name: p\nrules:\n  - {id: f, detector: truth, aggregation: {kind: last_mean, k: 2}, threshold: 0.5,"
+        " action: flag, final_only: true}\n"
+    )
+    state = PolicyState(policy)
+    assert state.update("truth", "completion", 0.9).action == "allow"  # would fire mid-stream
+    assert state.update("truth", "completion", 0.9).action == "allow"
+    assert state.update("truth", "completion", 0.1).action == "allow"
+    assert state.update("truth", "completion", 0.1).action == "allow"
+    assert state.finish().action == "allow"  # the end of the message (0.1, 0.1) is what counts
+    high = [Finding("truth", "completion", (0.1, 0.9, 0.9))]
+    assert evaluate(policy, high, final=False).action == "allow" and evaluate(policy, high).action == "flag"
+    for bad, match in (("action: block", "only for action log or flag"), ("scope: prompt", "scope")):
+        with pytest.raises(PolicyError, match=match):
+            parse_policy(
+                "name: p\nrules:\n  - {id: f, detector: t, threshold: 0.5, final_only: true, "
+                + ("action: flag, " if "action" not in bad else "")
+                + bad
+                + "}\n"
+            )
 
 
 def test_detector_aggregation_resolves_to_the_spec() -> None:

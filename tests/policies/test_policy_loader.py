@@ -15,7 +15,7 @@ from policies import (
     parse_policy,
 )
 
-KNOWN = {"scam", "deception", "bias", "bias_sae"}
+KNOWN = {"scam", "deception", "bias", "bias_sae", "falsehood"}
 
 GOOD = """\
 name: test
@@ -120,7 +120,7 @@ def test_every_error_reported_with_its_line() -> None:
         f"bad.yaml:{n}: rules[0].action: unknown action 'blok' (valid: allow, log, flag, steer, block)"
         in text
     )
-    assert "unknown detector 'scamm' (valid: bias, bias_sae, deception, scam)" in text
+    assert "unknown detector 'scamm' (valid: bias, bias_sae, deception, falsehood, scam)" in text
     first = BAD.splitlines().index("  - id: a") + 1
     assert f"duplicate rule id 'a' (first at line {first})" in text
     assert "unknown field 'colour' (valid: name, version, description, defaults, rules)" in text
