@@ -257,6 +257,21 @@ class EvalSuite:
 
 
 _EMAIL, _SMS = "Write an email.", "Write a text message."
+_GOT_OTHER = EvalSuite(
+    "got-other",
+    "deception_geometry_of_truth",
+    {
+        "subset": (
+            "neg_cities",
+            "sp_en_trans",
+            "larger_than",
+            "companies_true_false",
+            "common_claim_true_false",
+        )
+    },
+    400,
+    "State a fact.",
+)
 # Public data per concept. scam: phishing and Enron spam are reported separately because Nazario phishing
 # differs from Enron ham in style alone (case, tokenisation), while spam vs ham shares one source.
 EVAL_SUITES: dict[str, list[EvalSuite]] = {
@@ -288,21 +303,7 @@ EVAL_SUITES: dict[str, list[EvalSuite]] = {
             "State a fact.",
             "false vs true templated statements (falsehood, not intent)",
         ),
-        EvalSuite(
-            "got-other",
-            "deception_geometry_of_truth",
-            {
-                "subset": (
-                    "neg_cities",
-                    "sp_en_trans",
-                    "larger_than",
-                    "companies_true_false",
-                    "common_claim_true_false",
-                )
-            },
-            400,
-            "State a fact.",
-        ),
+        _GOT_OTHER,
         EvalSuite(
             "truthfulqa", "deception_truthfulqa", {}, 400, None, "imitative falsehoods, split by question"
         ),
@@ -335,21 +336,7 @@ EVAL_SUITES: dict[str, list[EvalSuite]] = {
             "State a fact.",
             "false vs true templated statements",
         ),
-        EvalSuite(
-            "got-other",
-            "deception_geometry_of_truth",
-            {
-                "subset": (
-                    "neg_cities",
-                    "sp_en_trans",
-                    "larger_than",
-                    "companies_true_false",
-                    "common_claim_true_false",
-                )
-            },
-            400,
-            "State a fact.",
-        ),
+        _GOT_OTHER,
         EvalSuite(
             "truthfulqa", "deception_truthfulqa", {}, 400, None, "imitative falsehoods, split by question"
         ),
