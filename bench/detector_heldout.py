@@ -10,6 +10,11 @@ tokens, each spec's own aggregation), records cut to --max-tokens. Per concept a
 seed test positives against all held-out negatives, and at the spec's threshold (1 %) and each
 operating point: recall on the seed test positives, FPR on the model's answers and on the seed test
 negatives. Nothing here is used to fit or calibrate anything.
+
+Mid-stream (`stream` columns): the server evaluates rules on the running aggregate after every token once
+a rule's `min_tokens` have been generated (the default policy's block rules: 8), so a record "fires
+mid-stream" when the running aggregate reaches the threshold at any token from --min-tokens on (a record
+shorter than that: its final value). For `mean` aggregation this peak can exceed the final value.
 """
 
 from __future__ import annotations
@@ -30,6 +35,13 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--max-tokens", type=int, default=192)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument(
+        "--point",
+        action="append",
+        default=[],
+        help="Extra threshold SET:CONCEPT:NAME=VALUE (e.g. a policy's fixed block point); repeatable.",
+    )
+    ap.add_argument("--min-tokens", type=int, default=8, help="First token a mid-stream rule reads.")
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -45,6 +57,7 @@ def main() -> None:
 
     concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
     sets = dict(s.split("=", 1) for s in args.set)
+    extra = {tuple(k.split(":", 2)): v for k, v in (p.rsplit("=", 1) for p in args.point)}
     lm = load_model(args.model, device="cpu")
     sae = SAE.load(resolve_sae_path(DEFAULT_SAE))
     dets = {
@@ -58,11 +71,12 @@ def main() -> None:
         recs += [{**r, "origin": f"seed:{c}"} for r in load_seed(c, "test")]
     recs += hard
     recs = truncate_records(recs, lm.tokenizer, args.max_tokens)
-    scorer = Scorer(lm.model, lm.tokenizer, sae, dets, top_k=0)
+    scorer = Scorer(lm.model, lm.tokenizer, sae, dets, top_k=0, stream_from=args.min_tokens)
     res = list(tqdm(scorer.score_records(recs, args.batch_size), total=len(recs), desc="score"))
     bad = [r for r in res if "error" in r]
     if bad:
         raise SystemExit(f"{len(bad)} records failed: {bad[0]['error']}")
+
     rows = []
     for key, det in dets.items():
         label, c = key.split(":")
@@ -72,9 +86,12 @@ def main() -> None:
         seed = torch.tensor([o == f"seed:{c}" for o in origin])
         hn = torch.tensor([o == "hardneg" for o in origin])
         pos, seed_neg, hn_neg = s[seed & (lab == 1)], s[seed & (lab == 0)], s[hn]
+        st = torch.tensor([r["stream_peaks"][key] for r in res], dtype=torch.float64)
+        st_pos, st_seed_neg, st_hn = st[seed & (lab == 1)], st[seed & (lab == 0)], st[hn]
         points = {
             "1%": det.spec.threshold,
             **{f"{float(k):.0%}": v for k, v in det.spec.operating_points.items()},
+            **{n: float(v) for (set_, concept, n), v in extra.items() if (set_, concept) == (label, c)},
         }
         row: dict[str, Any] = {
             "set": label,
@@ -84,6 +101,8 @@ def main() -> None:
             "n_hardneg": len(hn_neg),
             "auroc": auroc(pos, torch.cat([seed_neg, hn_neg])),
             "auroc_vs_hardneg": auroc(pos, hn_neg),
+            "auroc_stream": auroc(st_pos, torch.cat([st_seed_neg, st_hn])),
+            "auroc_stream_vs_seed_neg": auroc(st_pos, st_seed_neg),
             "hardneg_median": float(hn_neg.median()),
             "points": {},
         }
@@ -93,16 +112,25 @@ def main() -> None:
                 "recall": float((pos >= thr).double().mean()),
                 "fpr_hardneg": float((hn_neg >= thr).double().mean()),
                 "fpr_seed_neg": float((seed_neg >= thr).double().mean()),
+                "stream_recall": float((st_pos >= thr).double().mean()),
+                "stream_fpr_hardneg": float((st_hn >= thr).double().mean()),
+                "stream_fpr_seed_neg": float((st_seed_neg >= thr).double().mean()),
             }
         rows.append(row)
-    print("| set | concept | AUROC all / answers | point | threshold | recall | FPR answers | FPR seed neg |")
-    print("|---|---|---|---|---:|---:|---:|---:|")
+    print(
+        "| set | concept | AUROC all / answers | stream AUROC all / seed neg | point | threshold | recall "
+        "| FPR answers | FPR seed neg "
+        f"| mid-stream (from token {args.min_tokens}): recall / FPR answers / FPR seed neg |"
+    )
+    print("|---|---|---|---|---|---:|---:|---:|---:|---|")
     for r in rows:
         for name, p in r["points"].items():
             print(
-                f"| {r['set']} | {r['concept']} | {r['auroc']:.3f} / {r['auroc_vs_hardneg']:.3f} | {name} | "
+                f"| {r['set']} | {r['concept']} | {r['auroc']:.3f} / {r['auroc_vs_hardneg']:.3f} | "
+                f"{r['auroc_stream']:.3f} / {r['auroc_stream_vs_seed_neg']:.3f} | {name} | "
                 f"{p['threshold']:.4f} | {p['recall']:.2f} | {p['fpr_hardneg']:.3f} | "
-                f"{p['fpr_seed_neg']:.3f} |"
+                f"{p['fpr_seed_neg']:.3f} | {p['stream_recall']:.2f} / {p['stream_fpr_hardneg']:.3f} / "
+                f"{p['stream_fpr_seed_neg']:.3f} |"
             )
     if args.json_out:
         per_record = [

@@ -13,6 +13,7 @@ from detectors.aggregate import (
     count_over,
     ema,
     last_mean,
+    stream_peak,
     sustained,
     topk_mean,
 )
@@ -112,6 +113,7 @@ __all__ = [
     "scope_span",
     "scoped_positions",
     "score_message",
+    "stream_peak",
     "sustained",
     "threshold_for_fpr",
     "token_rows",

@@ -158,6 +158,18 @@ def aggregate(scores: Scores, agg: Aggregation) -> float:
     return sustained(scores, agg.threshold, agg.n)
 
 
+def stream_peak(scores: Scores, agg: Aggregation, from_token: int = 1) -> float:
+    """The highest running value of `agg` over a message's prefixes of ≥ `from_token` tokens: what a
+    mid-stream rule with `min_tokens: from_token` compares with its threshold (a message shorter than
+    that is judged on its final value). Equals the final value for max and for topk_mean once k tokens
+    are in; a running mean can peak early and fall."""
+    if from_token < 1:
+        raise ValueError(f"from_token must be ≥ 1, got {from_token}")
+    run = RunningAggregate(agg)
+    vals = [run.update(s) for s in _values(scores)]
+    return max(vals[min(from_token, len(vals)) - 1 :]) if vals else 0.0
+
+
 # ---- streaming -----------------------------------------------------------------------------------------
 class RunningAggregate:
     """One token at a time; `update` returns the value over all tokens so far (== `aggregate` on them)."""

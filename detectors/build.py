@@ -10,7 +10,11 @@ SAE latents are encoded from the stored residuals, so nothing runs the model twi
 Within a kind, the variant (pooling, aggregation, C) with the best out-of-fold AUROC on the training
 records wins (folds keep records with the same final user prompt together: the seed data's mirror pairs);
 with `select_by="calib_recall"` it is the variant whose fold models recall the most seed positives (held
-out in their fold) at the threshold giving `select_fpr` on `calib_records` (no test record is used).
+out in their fold) at the threshold giving `select_fpr` on `calib_records` (no test record is used);
+"hard_recall" is the same with each fold's held-out seed negatives (topic-matched hard negatives such as
+genuine bank notices) added to those calibration negatives, so recall bought by firing on them does not count.
+With `stream_from` both criteria, and the thresholds, read each record's stream peak (the highest running
+aggregate from that token on, as a mid-stream rule does) instead of its final value.
 Thresholds are set for `target_fpr` on calibration negatives: the out-of-fold scores of the training
 negatives plus the final model's scores on `calib_records` (label 0 or unlabelled), or the latter only
 (`calib_only`); `operating_fprs` adds further calibrated operating points on the same negatives. The kind
@@ -34,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from detectors.aggregate import Aggregation
+from detectors.aggregate import Aggregation, stream_peak
 from detectors.base import Detector, TokenFeatures, score_message
 from detectors.calibrate import auroc, metrics, threshold_for_fpr
 from detectors.datasets import group_key, monitored_text, stable_hash, truncate_records
@@ -49,6 +53,7 @@ from sae_assets.hooks import hf_hook_point
 from sae_assets.sae import SAE
 
 SUFFIX = {"probe": "_probe", "sae_features": "_sae"}
+SELECT_BY = ("auroc_oof", "calib_recall", "hard_recall")
 Labels = Callable[[int], str]
 
 
@@ -364,7 +369,9 @@ class _Fitter:
         spec = make_sae_features_spec(ranked, self.n, x[pos], x[neg], name=name, aggregation=agg)
         return SaeFeaturesDetector(spec), None
 
-    def scores(self, det: Detector, idx: Tensor) -> Tensor:
+    def scores(self, det: Detector, idx: Tensor, peak_from: int | None = None) -> Tensor:
+        """Message values of records `idx`; with `peak_from`, each record's highest running value from
+        that token on (aggregate.stream_peak: what a mid-stream rule with that min_tokens sees)."""
         out = []
         for i in idx.tolist():
             f = self.c.feats[i]
@@ -373,31 +380,46 @@ class _Fitter:
                 with torch.inference_mode():
                     lat = self.sae.encode_watched(f.resid_at(self.sae_point).to(self.sae.W_enc.device), ids)
                 f = TokenFeatures(latents=lat.float().cpu(), latent_ids=ids)
-            out.append(score_message(det, f))
+            if peak_from is None:
+                out.append(score_message(det, f))
+            else:
+                out.append(stream_peak(det.score_tokens(f), det.spec.aggregation, peak_from))
         return torch.tensor(out, dtype=torch.float64)
 
-    def oof(self, v: Variant, folds: Tensor, calib: _Fitter | None = None) -> tuple[Tensor, list[Tensor]]:
-        """Out-of-fold message values for every record, and (with `calib`) each fold model's values on
-        the calibration records (one tensor per fold, in fold order)."""
+    def oof(
+        self, v: Variant, folds: Tensor, calib: _Fitter | None = None, peak_from: int | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Out-of-fold message values for every record (with `peak_from`: stream peaks, see `scores`),
+        and (with `calib`) each fold model's values on the calibration records (one tensor per fold)."""
         out = torch.zeros(len(folds), dtype=torch.float64)
         per_fold: list[Tensor] = []
         for k in folds.unique().tolist():
             det, _ = self.fit(v, torch.nonzero(folds != k).flatten(), "oof")
             held = torch.nonzero(folds == k).flatten()
-            out[held] = self.scores(det, held)
+            out[held] = self.scores(det, held, peak_from)
             if calib is not None:
-                per_fold.append(calib.scores(det, torch.arange(len(calib.c.feats))))
+                per_fold.append(calib.scores(det, torch.arange(len(calib.c.feats)), peak_from))
         return out, per_fold
 
 
 def calib_recall(
-    oof: Tensor, per_fold_calib: Sequence[Tensor], folds: Tensor, positives: Tensor, fpr: float
+    oof: Tensor,
+    per_fold_calib: Sequence[Tensor],
+    folds: Tensor,
+    positives: Tensor,
+    fpr: float,
+    hard_negatives: Tensor | None = None,
 ) -> float:
     """Share of `positives` (bool mask) that their own fold's model scores at or above the threshold
-    giving `fpr` on the calibration records (scored by that same fold model)."""
+    giving `fpr` on the calibration records (scored by that same fold model) — plus, with
+    `hard_negatives` (bool mask), that fold's held-out training negatives of the mask, so that a
+    variant firing on topic-matched benign texts pays for it in recall."""
     hits, total = 0, 0
     for j, k in enumerate(folds.unique().tolist()):
-        thr = threshold_for_fpr(per_fold_calib[j], fpr)
+        negs = per_fold_calib[j]
+        if hard_negatives is not None:
+            negs = torch.cat([negs, oof[hard_negatives & (folds == k)].to(negs.dtype)])
+        thr = threshold_for_fpr(negs, fpr)
         m = positives & (folds == k)
         hits += int((oof[m] >= thr).sum())
         total += int(m.sum())
@@ -449,6 +471,7 @@ def build_concept_detectors(
     select_fpr: float = 0.05,
     calib_only: bool = False,
     operating_fprs: Sequence[float] = (),
+    stream_from: int | None = None,
     cache_dir: str | Path | None = None,
 ) -> BuildResult:
     """Fit, calibrate, compare and write both kinds for `concept` (see the module doc). `data` describes
@@ -456,13 +479,17 @@ def build_concept_detectors(
     that evaluation can rebuild them for its baseline. `balance_sources` weights probe training records
     so that every source (seed, each public suite) has the same total weight (source_weights).
     `pools`: the probe training units to try ("mean", "max", "token"); `token_rows`: which tokens a
-    token-level fit reads. `select_by`: "auroc_oof" or "calib_recall" (see the module doc).
-    `calib_only`: thresholds from `calib_records` alone. `operating_fprs`: extra operating points."""
+    token-level fit reads. `select_by`: one of SELECT_BY (see the module doc).
+    `calib_only`: thresholds from `calib_records` alone. `operating_fprs`: extra operating points.
+    `stream_from`: calibrate on each negative's highest running value from that token on (the peak a
+    mid-stream rule with `min_tokens: stream_from` sees) instead of its final value."""
     unknown = [p for p in pools if not valid_pool(p)]
     if unknown or not pools:
         raise DetectorError(f"pools {list(pools)}: each must be one of {', '.join(POOLS)}")
-    if select_by not in ("auroc_oof", "calib_recall"):
-        raise DetectorError(f"select_by {select_by!r}: must be auroc_oof or calib_recall")
+    if stream_from is not None and stream_from < 1:
+        raise DetectorError(f"stream_from must be ≥ 1, got {stream_from}")
+    if select_by not in SELECT_BY:
+        raise DetectorError(f"select_by {select_by!r}: must be one of {', '.join(SELECT_BY)}")
     points = [hf_hook_point(p) for p in layers]
     capture = list(dict.fromkeys([*points, sae_hook_point(sae)]))
     kw: dict[str, Any] = {
@@ -478,8 +505,8 @@ def build_concept_detectors(
             f"{concept}: need ≥ 2 training records of each label (got {n_pos} pos, {n_neg} neg)"
         )
     calib_ok = [r for r in calib_records if r.get("label", 0) == 0 and _has_completion(r)]
-    if (calib_only or select_by == "calib_recall") and not calib_ok:
-        raise DetectorError(f"{concept}: calib_only / select_by=calib_recall need calibration records")
+    if (calib_only or select_by != "auroc_oof") and not calib_ok:
+        raise DetectorError(f"{concept}: calib_only / select_by={select_by} need calibration records")
     calib = extract_corpus(
         model, tokenizer, calib_ok, capture, default_label=0, desc=f"{concept} calib", **kw
     )
@@ -493,6 +520,8 @@ def build_concept_detectors(
     seed_pos = torch.tensor(["seed" in s for s in sources]) & (train.labels == 1)
     if not bool(seed_pos.any()):
         seed_pos = train.labels == 1
+    seed_neg = torch.tensor(["seed" in s for s in sources]) & (train.labels == 0)
+    hard_neg = seed_neg if select_by == "hard_recall" else None
     everything = torch.arange(len(train.feats))
     variants = [v for v in VARIANTS if v.kind != "probe" or v.pool in pools]
     variants += [v for v in TOKEN_VARIANTS if "token" in pools]
@@ -500,11 +529,19 @@ def build_concept_detectors(
     test_sources = [_sources(r)[0] for r in test_records]
 
     def held_out(det: Detector, thr: float, op_thr: dict[str, float]) -> dict[str, Any]:
-        """Figures on the test records: AUROC, metrics at the threshold and each operating point, and
-        the FPR on each source of test negatives (e.g. seed vs the model's own answers)."""
-        ts = _Fitter(test, points, sae, n_latents, labels).scores(det, torch.arange(len(test.feats)))
+        """Figures on the test records: AUROC (final values), metrics at the threshold and each operating
+        point, and the FPR on each source of test negatives (e.g. seed vs the model's own answers); with
+        `stream_from` the thresholded figures use stream peaks, as the thresholds do."""
+        tf, everyone = _Fitter(test, points, sae, n_latents, labels), torch.arange(len(test.feats))
+        ts = tf.scores(det, everyone)
+        fig: dict[str, Any] = {
+            "auroc_test": _r(auroc(ts[test.labels == 1], ts[test.labels == 0]))
+            if bool((test.labels == 1).any() and (test.labels == 0).any())
+            else None
+        }
+        if stream_from is not None:
+            ts = tf.scores(det, everyone, stream_from)
         tp, tn = ts[test.labels == 1], ts[test.labels == 0]
-        fig: dict[str, Any] = {"auroc_test": _r(auroc(tp, tn)) if len(tp) and len(tn) else None}
         fig["test"] = _figures(metrics(tp, tn, thr))
         if op_thr:
             fig["operating_points"] = {k: _figures(metrics(tp, tn, t)) for k, t in op_thr.items()}
@@ -521,21 +558,40 @@ def build_concept_detectors(
             }
         return fig
 
+    def calib_negatives_oof(v: Variant) -> Tensor:
+        """The training negatives' out-of-fold values used for thresholds (none with calib_only)."""
+        if calib_only:
+            return torch.zeros(0, dtype=torch.float64)
+        if stream_from is None:
+            return tried[v][train.labels == 0]
+        if v not in peaks:
+            peaks[v] = fitter.oof(v, fold, peak_from=stream_from)[0]
+        return peaks[v][train.labels == 0]
+
     out, specs, figures = Path(out_dir), {}, {}
+    tried: dict[Variant, Tensor] = {}
+    peaks: dict[Variant, Tensor] = {}  # out-of-fold stream peaks (stream_from), filled on demand
     for kind, suffix in SUFFIX.items():
         name = f"{concept}{suffix}"
-        tried, sel = {}, {}
-        use_calib = calib_fitter if select_by == "calib_recall" else None
+        tried.clear()
+        peaks.clear()
+        sel: dict[Variant, float] = {}
+        use_calib = calib_fitter if select_by != "auroc_oof" else None
         for v in (v for v in variants if v.kind == kind):
             tried[v], per_fold = fitter.oof(v, fold, use_calib)
             if use_calib is not None:
-                sel[v] = calib_recall(tried[v], per_fold, fold, seed_pos, select_fpr)
+                # with stream_from, judge each variant as its mid-stream rules will run: on peaks
+                vals = tried[v]
+                if stream_from is not None:
+                    vals, per_fold = fitter.oof(v, fold, use_calib, peak_from=stream_from)
+                    peaks[v] = vals
+                sel[v] = calib_recall(vals, per_fold, fold, seed_pos, select_fpr, hard_neg)
         oof_auc = {v: auroc(s[train.labels == 1], s[train.labels == 0]) for v, s in tried.items()}
         # First listed wins ties: the simpler variants.
         best = max(tried, key=lambda v: (sel.get(v, 0.0), oof_auc[v]))
         det, fit = fitter.fit(best, everything, name)
-        neg_oof = tried[best][train.labels == 0]
-        neg_extra = calib_fitter.scores(det, torch.arange(len(calib.feats)))
+        neg_oof = calib_negatives_oof(best)
+        neg_extra = calib_fitter.scores(det, torch.arange(len(calib.feats)), stream_from)
         negs = neg_extra if calib_only else torch.cat([neg_oof, neg_extra])
         thr = threshold_for_fpr(negs, target_fpr)
         if thr > 1.0:
@@ -559,12 +615,14 @@ def build_concept_detectors(
                 "n_neg_oof": 0 if calib_only else len(neg_oof),
                 "n_neg_extra": len(neg_extra),
                 "n_skipped_no_completion": len(calib_records) - len(calib_ok),
+                **({"stream_from": stream_from} if stream_from is not None else {}),
             },
         }
         if sel:
             ev["selection"] = {
-                "by": f"calib_recall@{select_fpr}",
+                "by": f"{select_by}@{select_fpr}",
                 "n_seed_pos": int(seed_pos.sum()),
+                **({"n_hard_neg": int(seed_neg.sum())} if hard_neg is not None else {}),
                 "variants": {_vname(v): _r(r) for v, r in sel.items()},
             }
         if len(test.feats):
@@ -576,8 +634,8 @@ def build_concept_detectors(
             for pool in dict.fromkeys(v.pool for v in tried):
                 bp = max((v for v in tried if v.pool == pool), key=lambda v: (sel.get(v, 0.0), oof_auc[v]))
                 d, _ = fitter.fit(bp, everything, name)
-                n_extra = calib_fitter.scores(d, torch.arange(len(calib.feats)))
-                n_all = n_extra if calib_only else torch.cat([tried[bp][train.labels == 0], n_extra])
+                n_extra = calib_fitter.scores(d, torch.arange(len(calib.feats)), stream_from)
+                n_all = n_extra if calib_only else torch.cat([calib_negatives_oof(bp), n_extra])
                 t = threshold_for_fpr(n_all, target_fpr)
                 ops = {str(float(f)): threshold_for_fpr(n_all, f) for f in operating_fprs}
                 ev["by_pool"][pool] = {

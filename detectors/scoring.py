@@ -13,6 +13,8 @@ Output per record, in input order:
 A record that cannot be scored yields {"id", "error": "line N: …"} instead; nothing is dropped.
 With `token_scores=True` (the server's shadow mode) each result also has `n_prompt` (scored rows before the
 completion), `token_texts` and `token_scores` {detector: [score per scored row]}, prompt rows first.
+With `stream_from=N` each result also has `stream_peaks` {detector: the highest running aggregate over
+its scope from token N on} (detectors.aggregate.stream_peak: what a mid-stream rule with min_tokens N sees).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from detectors.aggregate import stream_peak
 from detectors.base import Detector, TokenFeatures, fires, score_message
 from detectors.errors import DetectorError
 from detectors.extract import iter_token_features, scope_span, scoped_positions
@@ -86,11 +89,15 @@ class Scorer:
         top_k: int = 5,
         max_tokens: int | None = None,
         token_scores: bool = False,
+        stream_from: int | None = None,
     ) -> None:
         if not detectors:
             raise DetectorError("no detectors to score with")
         self.model, self.tokenizer, self.detectors = model, tokenizer, detectors
         self.labels, self.top_k, self.token_scores = labels, top_k, token_scores
+        if stream_from is not None and stream_from < 1:
+            raise DetectorError(f"stream_from must be ≥ 1, got {stream_from}")
+        self.stream_from = stream_from
         self.points = list(dict.fromkeys(p for d in detectors.values() for p in d.hook_points()))
         self.latent_ids = sorted({i for d in detectors.values() for i in d.latent_ids()})
         if self.latent_ids and sae is None:
@@ -136,10 +143,13 @@ class Scorer:
         scores: dict[str, float] = {}
         fired: dict[str, bool] = {}
         top: dict[str, list[dict[str, Any]]] = {}
+        peaks: dict[str, float] = {}
         for name, det in self.detectors.items():
             span, offset = self._span(prep, feats, det.spec.scope)
             value = score_message(det, span)
             scores[name], fired[name] = value, fires(det, value)
+            if self.stream_from is not None:
+                peaks[name] = stream_peak(det.score_tokens(span), det.spec.aggregation, self.stream_from)
             top[name] = [self._evidence(prep, item, offset) for item in det.top_features(span, self.top_k)]
         n_scored = feats.n_tokens - prep.n_prompt if prep.kind == "completion" else feats.n_tokens
         out = {
@@ -150,6 +160,8 @@ class Scorer:
             "fired": fired,
             "top_features": top,
         }
+        if self.stream_from is not None:
+            out["stream_peaks"] = peaks
         if self.token_scores:  # per-token evidence over every scored row, prompt rows first
             out["n_prompt"] = prep.n_prompt
             out["token_texts"] = [self._token(prep.ids[p]) for p in prep.positions]

@@ -229,11 +229,12 @@ def train_cmd(
         str,
         typer.Option(
             "--select-by",
-            help="Variant choice: auroc_oof, or calib_recall (held-out seed recall at --select-fpr, --calib)",
+            help="Variant choice: auroc_oof; calib_recall (held-out seed recall at --select-fpr on --calib); "
+            "hard_recall (the same, with held-out seed negatives added to the --calib negatives)",
         ),
     ] = "auroc_oof",
     select_fpr: Annotated[
-        float, typer.Option("--select-fpr", min=1e-6, max=0.5, help="FPR for --select-by calib_recall.")
+        float, typer.Option("--select-fpr", min=1e-6, max=0.5, help="FPR for --select-by *_recall.")
     ] = 0.05,
     calib_only: Annotated[
         bool,
@@ -245,6 +246,15 @@ def train_cmd(
     operating_points: Annotated[
         str | None,
         typer.Option("--operating-points", help="Extra calibrated FPRs, comma-separated (e.g. 0.05)."),
+    ] = None,
+    stream_from: Annotated[
+        int | None,
+        typer.Option(
+            "--stream-from",
+            min=1,
+            help="Calibrate on each negative's peak running value from token N on (what a mid-stream rule "
+            "with min_tokens: N sees); default: final values.",
+        ),
     ] = None,
     cache: Annotated[
         Path | None,
@@ -272,7 +282,7 @@ def train_cmd(
     per public eval suite from the datasets' train splits (never their test splits, which `detectors eval`
     reports); the spec records this so that eval trains its TF-IDF baseline on the same records.
     """
-    from detectors.build import POOLS, TokenRows, valid_pool
+    from detectors.build import POOLS, SELECT_BY, TokenRows, valid_pool
     from detectors.datasets import DatasetError, TrainingData, load_seed, stable_hash
 
     concepts = _names(concept)
@@ -280,8 +290,8 @@ def train_cmd(
     pool_list = _names(pools)
     if not pool_list or not all(valid_pool(p) for p in pool_list):
         raise fail(f"--pools: {pools!r}; each must be one of {', '.join(POOLS)}")
-    if select_by not in ("auroc_oof", "calib_recall"):
-        raise fail(f"--select-by: {select_by!r} is not one of auroc_oof, calib_recall")
+    if select_by not in SELECT_BY:
+        raise fail(f"--select-by: {select_by!r} is not one of {', '.join(SELECT_BY)}")
     op_fprs = _fprs(operating_points)
     extra = [r for p in train or [] for r in _records(p, "--train")]
     bad = [r.get("id") for r in extra if r.get("label") not in (0, 1)]
@@ -291,8 +301,9 @@ def train_cmd(
     bad = [r.get("id") for r in extra_test if r.get("label") not in (0, 1)]
     if bad:
         raise fail(f"--test: records need label 0 or 1; first without: {bad[0]!r}")
-    if (calib_only or select_by == "calib_recall") and not calib:
-        raise fail("--calib-only and --select-by calib_recall need --calib records")
+    if (calib_only or select_by != "auroc_oof") and not calib:
+        which = "--calib-only" if calib_only else f"--select-by {select_by}"
+        raise fail(f"--calib: {which} needs calibration records")
     cal = []
     for path in calib or []:  # a deterministic sample of each file's negatives
         negs = [r for r in _records(path, "--calib") if r.get("label", 0) == 0]
@@ -338,6 +349,7 @@ def train_cmd(
                 select_fpr=select_fpr,
                 calib_only=calib_only,
                 operating_fprs=op_fprs,
+                stream_from=stream_from,
                 cache_dir=cache,
             )
         except (DatasetError, DetectorError) as e:
@@ -419,6 +431,15 @@ def calibrate_cmd(
             help="Keep `threshold`; store this FPR's threshold as an operating point (calibrated@FPR).",
         ),
     ] = False,
+    stream_from: Annotated[
+        int | None,
+        typer.Option(
+            "--stream-from",
+            min=0,
+            help="Calibrate on each negative's peak running value from token N on; default: the spec's "
+            "eval.calibration.stream_from (final values when it has none); 0: final values.",
+        ),
+    ] = None,
     sae: SaeOpt = DEFAULT_SAE,
     model: ModelOpt = DEFAULT_MODEL,
     max_tokens: MaxTokOpt = 256,
@@ -441,14 +462,27 @@ def calibrate_cmd(
     detector_names(name, folder)  # exit 2 listing the valid names
     _, sae_obj, lm = _runtime(sae, model, device)
     det = load_named_detectors([name], folder, sae_obj, lm.model)[name]
-    scorer = Scorer(lm.model, lm.tokenizer, sae_obj, {name: det}, top_k=0)
+    calibration = dict(det.spec.eval.get("calibration") or {})
+    basis = int(calibration.get("stream_from") or 0)  # 0: final values
+    if stream_from is None:
+        stream_from = basis  # thresholds of a spec calibrated on stream peaks stay on peaks
+    if stream_from != basis and (operating_point or det.spec.operating_points):
+        raise fail(
+            f"--stream-from: {name}'s thresholds are calibrated on "
+            + (f"stream peaks from token {basis}" if basis else "final values")
+            + "; recalibrating one of them on another basis would mix the two (drop its operating points "
+            "first)"
+        )
+    peak_from = stream_from or None
+    scorer = Scorer(lm.model, lm.tokenizer, sae_obj, {name: det}, top_k=0, stream_from=peak_from)
+    field = "scores" if peak_from is None else "stream_peaks"
 
     def values(recs: list[dict[str, Any]], what: str) -> torch.Tensor:
         res = list(scorer.score_records(truncate_records(recs, lm.tokenizer, max_tokens), batch_size))
         errors = [r["error"] for r in res if "error" in r]
         if errors:
             raise fail(f"{what}: {len(errors)} record(s) could not be scored; first: {errors[0]}")
-        return torch.tensor([r["scores"][name] for r in res], dtype=torch.float64)
+        return torch.tensor([r[field][name] for r in res], dtype=torch.float64)
 
     try:
         spec = recalibrate(
@@ -470,6 +504,10 @@ def calibrate_cmd(
                 "eval": {**ev, "recalibrated": spec.eval["recalibrated"]},
             }
         )
+    if stream_from != basis:  # the basis the policy validator checks rules against (monitor.runtime)
+        calibration.pop("stream_from", None)
+        ev = {**spec.eval, "calibration": calibration | ({"stream_from": stream_from} if stream_from else {})}
+        spec = type(spec).model_validate({**spec.model_dump(), "eval": ev})
     path = dump_spec(spec, spec_out or folder / "detectors" / f"{name}.yaml")
     fig = spec.eval["recalibrated"]
     change = f"threshold {det.spec.threshold:.4f} → {spec.threshold:.4f}"

@@ -23,7 +23,11 @@ from policies.reload import PolicyHolder, PolicyWatcher
 from policies.schema import Policy, format_aggregation, threshold_key
 
 log = logging.getLogger(__name__)
-HOLD_BACK_CAP = 8  # tokens: beyond this the added latency outweighs withholding a long trigger
+# tokens: beyond this the added latency outweighs withholding a long trigger. 16: the default policy's
+# scam rules wait for 16 tokens, because the scam probe's running mean is calibrated on stream peaks from
+# token 16 (earlier it is noisy; docs/benchmarks.md, [3/7]); a smaller cap would let a blocked scam's
+# first tokens out.
+HOLD_BACK_CAP = 16
 
 
 class StartupError(RuntimeError):
@@ -115,6 +119,9 @@ def policy_issues(dset: DetectorSet) -> Any:
                         "use `aggregation: detector` or a numeric threshold",
                     )
                 )
+            issue = _stream_issue(dset, rule, i, source)
+            if issue is not None:
+                issues.append(issue)
         for src in policy.steer_sources:
             if src not in dset.detectors:
                 issues.append(PolicyIssue(source, None, "rules", f"steer source {src!r} is not loaded"))
@@ -132,6 +139,27 @@ def policy_issues(dset: DetectorSet) -> Any:
         return issues
 
     return check
+
+
+def _stream_issue(dset: DetectorSet, rule: Any, i: int, source: str) -> PolicyIssue | None:
+    """A `calibrated` threshold set on stream peaks from token N (detectors train --stream-from N) holds
+    its false-positive rate only for mid-stream rules that wait for N tokens: earlier, a running mean
+    is noisier and fires more often."""
+    det = dset.detectors.get(rule.detector)
+    if det is None or not isinstance(rule.threshold, str) or rule.final_only:
+        return None
+    if rule.scope in ("prompt", "conversation"):  # judged on the prefill / per turn, not per token
+        return None
+    n = (det.spec.eval.get("calibration") or {}).get("stream_from")
+    if not isinstance(n, int) or rule.min_tokens >= n:
+        return None
+    return PolicyIssue(
+        source,
+        None,
+        f"rules[{i}].min_tokens",
+        f"the calibrated thresholds of {rule.detector!r} hold from token {n} on (calibrated on stream "
+        f"peaks); set `min_tokens: {n}` or more, or use a numeric threshold",
+    )
 
 
 @dataclass(frozen=True)

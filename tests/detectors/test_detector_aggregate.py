@@ -15,6 +15,7 @@ from detectors.aggregate import (
     count_over,
     ema,
     last_mean,
+    stream_peak,
     sustained,
     topk_mean,
 )
@@ -99,3 +100,19 @@ def test_last_mean_streams_the_most_recent_tokens() -> None:
     running = RunningAggregate(Aggregation(kind="last_mean", k=2))
     values = [running.update(s) for s in (0.9, 0.9, 0.1, 0.1)]
     assert values == pytest.approx([0.9, 0.9, 0.5, 0.1])
+
+
+def test_stream_peak_is_what_a_mid_stream_rule_sees() -> None:
+    """A running mean can peak early and fall: a rule with min_tokens N reads the peak from token N on;
+    a message shorter than N is judged on its final value; max never falls, so its peak is the final."""
+    mean = Aggregation(kind="mean")
+    scores = torch.tensor([0.9, 0.1, 0.1, 0.1], dtype=torch.float64)  # running: 0.9, 0.5, 0.367, 0.3
+    assert stream_peak(scores, mean, 1) == pytest.approx(0.9)
+    assert stream_peak(scores, mean, 2) == pytest.approx(0.5)
+    assert stream_peak(scores, mean, 4) == pytest.approx(0.3) == aggregate(scores, mean)
+    assert stream_peak(scores, mean, 10) == pytest.approx(0.3)  # shorter than min_tokens: final
+    for agg in (Aggregation(kind="max"), Aggregation(kind="topk_mean", k=2)):
+        assert stream_peak(SCORES, agg, 2) == pytest.approx(aggregate(SCORES, agg))
+    assert stream_peak(torch.zeros(0), mean, 3) == 0.0
+    with pytest.raises(ValueError, match="from_token"):
+        stream_peak(scores, mean, 0)

@@ -175,6 +175,37 @@ def test_calibrate_operating_point_keeps_the_threshold(
     )
 
 
+def test_calibrate_on_stream_peaks_keeps_that_basis(
+    tmp_path: Path, sae_dir: Path, tiny_model_dir: Path
+) -> None:
+    """--stream-from N calibrates on each negative's highest running value from token N on and records
+    the basis; a later recalibration keeps it, and mixing bases with operating points is refused."""
+    path = sae_dir / "detectors" / "planted.yaml"
+    path.write_text(path.read_text() + "aggregation: mean\n")  # a running mean can peak early
+    neg = _write(
+        tmp_path / "neg.jsonl",
+        [{"id": f"n{i}", "text": f"Verify the lazy dog {i} sleeps at home tonight."} for i in range(30)],
+    )
+    base = ["detectors", "calibrate", "planted", "--neg", str(neg), "--sae", str(sae_dir)]
+    base += ["--model", str(tiny_model_dir), "--device", "cpu", "--target-fpr", "0.1"]
+
+    def run(*extra: str, out: Path | None = None) -> dict[str, Any]:
+        res = runner.invoke(app, [*base, *extra, *(["--out", str(out)] if out else [])])
+        assert res.exit_code == 0, res.output
+        return dict(yaml.safe_load((out or path).read_text()))
+
+    final = run("--stream-from", "0", out=tmp_path / "final.yaml")
+    assert "calibration" not in final["eval"]
+    peaks = run("--stream-from", "2")
+    assert peaks["eval"]["calibration"] == {"stream_from": 2}
+    assert peaks["threshold"] > final["threshold"]  # peaks from token 2 lie at or above the final means
+    again = run()  # no flag: the spec's basis
+    assert again["threshold"] == peaks["threshold"] and again["eval"]["calibration"] == {"stream_from": 2}
+    run("--operating-point")  # same basis: fine
+    mixed = runner.invoke(app, [*base, "--operating-point", "--stream-from", "0"])
+    assert mixed.exit_code == 2 and "stream peaks from token 2" in " ".join(mixed.output.split())
+
+
 def test_train_then_eval_then_list(tmp_path: Path, sae_dir: Path, tiny_model_dir: Path) -> None:
     phrases = {1: "Verify your bank password at this link", 0: "The quick brown fox jumps over the lazy dog"}
     recs = []

@@ -120,3 +120,29 @@ def test_scorer_needs_an_sae_for_latent_detectors(tiny_lm: Any) -> None:
         Scorer(tiny_lm.model, tiny_lm.tokenizer, None, {"comp": _det("comp")})
     with pytest.raises(DetectorError, match="no detectors"):
         Scorer(tiny_lm.model, tiny_lm.tokenizer, _sae(), {})
+
+
+def test_stream_peaks_read_each_detectors_own_span(tiny_lm: Any) -> None:
+    """stream_from=N adds each detector's highest running aggregate over its scoped tokens from token N
+    on: for max it is the final value; for a mean it is at least the final value."""
+    from detectors.aggregate import Aggregation, stream_peak
+
+    mean = _det("mean")
+    mean.spec = mean.spec.model_copy(update={"aggregation": Aggregation(kind="mean")})
+    dets = {"max": _det("max"), "mean": mean, "prompt": _det("prompt", "prompt")}
+    sc = Scorer(tiny_lm.model, tiny_lm.tokenizer, _sae(), dets, top_k=0, stream_from=3)
+    out = next(sc.score_records([CHAT]))
+    assert out["stream_peaks"]["max"] == pytest.approx(out["scores"]["max"], abs=1e-9)
+    assert out["stream_peaks"]["mean"] >= out["scores"]["mean"] - 1e-9
+    feats = next(
+        iter_token_features(
+            tiny_lm.model, tiny_lm.tokenizer, [CHAT], scope="prompt", sae=sc.sae, latent_ids=[3, 9]
+        )
+    )
+    want = stream_peak(dets["prompt"].score_tokens(feats), dets["prompt"].spec.aggregation, 3)
+    assert out["stream_peaks"]["prompt"] == pytest.approx(want, abs=1e-6)
+    assert "stream_peaks" not in next(
+        Scorer(tiny_lm.model, tiny_lm.tokenizer, _sae(), dets).score_records([CHAT])
+    )
+    with pytest.raises(DetectorError, match="stream_from"):
+        Scorer(tiny_lm.model, tiny_lm.tokenizer, _sae(), dets, stream_from=0)

@@ -82,6 +82,20 @@ def test_calib_recall_uses_each_folds_own_threshold() -> None:
     assert calib_recall(oof, calib, folds, positives, 0.4) == 0.5  # 0.9 ≥ 0.5 fires, 0.6 < 0.7 does not
 
 
+def test_hard_negatives_raise_each_folds_threshold() -> None:
+    """hard_recall: a fold's held-out hard negatives join its calibration negatives, so a variant that
+    scores topic-matched benign texts as high as its positives loses the recall it bought that way."""
+    folds = torch.tensor([0, 0, 0, 1, 1, 1])
+    oof = torch.tensor([0.8, 0.95, 0.1, 0.6, 0.2, 0.3], dtype=torch.float64)
+    positives = torch.tensor([True, False, False, True, False, False])
+    hard = torch.tensor([False, True, False, False, True, False])
+    calib = [torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.5, 0.1, 0.2])]
+    assert calib_recall(oof, calib, folds, positives, 0.2) == 1.0  # thresholds just above 0.5 / 0.5
+    # fold 0 now has 0.95 among its negatives: no negative may fire, so its threshold passes 0.95 > 0.8;
+    # fold 1's hard negative (0.2) is below its positive and changes nothing
+    assert calib_recall(oof, calib, folds, positives, 0.2, hard) == 0.5
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SAE, list[Any], list[Any], list[Any]]:
     folder = tmp_path_factory.mktemp("tok")
@@ -174,6 +188,44 @@ def test_last_pool_fits_the_end_of_each_completion(
     agg = result.specs["toy_probe"].aggregation
     assert (agg.kind, agg.k) in (("last_mean", 2), ("max", None))
     assert ev["auroc_test"] > 0.8
+
+
+def test_stream_calibration_thresholds_the_peaks(
+    toy: tuple[Path, SAE, list[Any], list[Any], list[Any]], tiny_lm: Any
+) -> None:
+    """stream_from: the thresholds are set on each calibration negative's peak running value from that
+    token on (what a mid-stream rule sees), so a mean-aggregated probe's threshold can only rise, and
+    the thresholded test figures count a record that peaked above it mid-stream."""
+    from detectors.aggregate import stream_peak
+    from detectors.calibrate import threshold_for_fpr
+    from detectors.errors import DetectorError
+    from detectors.extract import iter_token_features
+
+    folder, sae, train, calib, test = toy
+    kw: dict[str, Any] = {
+        "test_records": test,
+        "layers": ["model.layers.2"],
+        "n_latents": 4,
+        "pools": ("mean",),
+        "calib_only": True,
+        "target_fpr": 0.2,
+    }
+    lm = (tiny_lm.model, tiny_lm.tokenizer, sae, "toy", train, calib)
+    final = build_concept_detectors(*lm, folder / "final", **kw).specs["toy_probe"]
+    sel = {"select_by": "hard_recall", "select_fpr": 0.2}
+    peak = build_concept_detectors(*lm, folder / "peak", stream_from=3, **sel, **kw).specs["toy_probe"]
+    assert peak.eval["calibration"]["stream_from"] == 3 and "stream_from" not in final.eval["calibration"]
+    # hard_recall: each fold's held-out seed negatives (all 12 toy negatives are seed) join its calib set
+    assert peak.eval["selection"]["by"] == "hard_recall@0.2" and peak.eval["selection"]["n_hard_neg"] == 12
+    assert peak.aggregation == final.aggregation and peak.threshold > final.threshold  # toy: early peaks
+    det = load_detectors(["toy_probe"], folder / "peak", sae, model=tiny_lm.model)["toy_probe"]
+    feats = iter_token_features(
+        tiny_lm.model, tiny_lm.tokenizer, calib, det.hook_points(), scope="completion", batch_size=4
+    )
+    peaks = [stream_peak(det.score_tokens(f), det.spec.aggregation, 3) for f in feats]
+    assert peak.threshold == pytest.approx(threshold_for_fpr(torch.tensor(peaks), 0.2), abs=1e-6)
+    with pytest.raises(DetectorError, match="stream_from"):
+        build_concept_detectors(*lm, folder / "x", stream_from=0, **kw)
 
 
 def test_build_rejects_unknown_pools(

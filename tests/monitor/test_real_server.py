@@ -20,10 +20,9 @@ SCAM_TURN = (
 )
 
 
-# The end-to-end block cases use the shipped scam detector with this test policy (the default policy blocks
-# only at 0.98). Its threshold is a pipeline check, not a quality claim (measured with the token-level
-# probe: the scam message 0.99, the store-hours message 0.55, a thank-you note 0.42; docs/benchmarks.md,
-# [3/7]).
+# The end-to-end block cases use the shipped scam detector with this test policy. Its threshold is a
+# pipeline check, not a quality claim (measured with the mean-pooled scam probe of 2026-11-26: the scam
+# message 0.79, the store-hours message 0.18, a thank-you note 0.13; docs/benchmarks.md, [3/7]).
 E2E_POLICY = """
 name: e2e
 rules:
@@ -97,7 +96,7 @@ def test_default_policy_flags_a_scam_turn_and_not_a_thank_you_note(real_data_dir
     settings = Settings(data_dir=real_data_dir, device="cpu", policy_poll_s=0)
     rt = load_runtime(settings)
     assert rt.policy.name == "default" and set(rt.dset.report) == {"scam", "deception", "bias", "falsehood"}
-    assert rt.hold_back(rt.policy) == 7  # min_tokens 8 on the block rule
+    assert rt.hold_back(rt.policy) == 15  # min_tokens 16 on the scam block rule
     user = {"role": "user", "content": "Write a message to our customers."}
     note = "Dear Sam, thank you so much for your help with the report this week. I really appreciate it!"
     try:
@@ -136,3 +135,23 @@ def test_live_scam_continuation_is_blocked(real_server: Any) -> None:
     # Nothing from the trigger on was sent, in either mode: what was sent is the same prefix.
     assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
     assert streamed[-1].choices[0].finish_reason == "content_filter"
+
+
+def test_stream_calibrated_scam_thresholds_need_16_tokens(real_server: Any) -> None:
+    """The shipped scam probe's thresholds are calibrated on stream peaks from token 16: a `calibrated`
+    rule that judges it earlier is refused at load (its false-positive rate would be unknown), a
+    numeric threshold or a final-only rule is not; the hold-back covers a 16-token block rule."""
+    from monitor.runtime import derived_hold_back, policy_issues
+    from policies.loader import parse_policy
+
+    def one(threshold: str, min_tokens: int, action: str = "flag", extra: str = "") -> Any:
+        rule = f"{{id: r, detector: scam, aggregation: detector, action: {action}, threshold: {threshold}"
+        return parse_policy(f"name: p\nrules:\n  - {rule}, min_tokens: {min_tokens}{extra}}}\n")
+
+    check = policy_issues(real_server.rt.dset)
+    issues = check(one("calibrated", 8), "p.yaml")
+    assert [i.path for i in issues] == ["rules[0].min_tokens"] and "token 16" in issues[0].message
+    for ok in (one("calibrated", 16), one("0.7", 8), one("calibrated", 0, extra=", final_only: true")):
+        assert check(ok, "p.yaml") == []
+    assert derived_hold_back(one("0.7", 16, "block")) == 15
+    assert derived_hold_back(one("0.7", 40, "block")) == 16  # capped: HOLD_BACK_CAP
