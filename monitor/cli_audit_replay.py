@@ -10,9 +10,8 @@ printed as file:line: path: message).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -33,30 +32,11 @@ from monitor.cli_audit import (
     err,
     out,
 )
-
-
-@dataclass(frozen=True)
-class SpecSet:
-    """The parts of `monitor.monitoring.DetectorSet` that `monitor.runtime.policy_issues` reads, from
-    specs alone (`detectors[name].spec`, thresholds, aggregations, clamps)."""
-
-    detectors: dict[str, Any] = field(default_factory=dict)  # name -> object with .spec
-    thresholds: dict[str, float] = field(default_factory=dict)
-    aggregations: dict[str, Any] = field(default_factory=dict)
-    clamps: dict[str, dict[int, float]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class _Spec:
-    spec: Any
+from monitor.policy_checks import SpecSet, policy_issues
 
 
 def spec_set(settings: Any) -> SpecSet | None:
     """Specs of the settings' SAE detectors folder; None (with a warning) when there is none."""
-    from detectors.errors import DetectorError
-    from detectors.registry import available_detectors
-    from detectors.spec import load_spec
-    from monitor.replay import ReplayContext
     from sae_assets.registry import resolve_sae_path
 
     try:
@@ -64,23 +44,10 @@ def spec_set(settings: Any) -> SpecSet | None:
     except FileNotFoundError as e:
         err.print(Text(f"warning: {e}; calibrated thresholds cannot be resolved"), highlight=False)
         return None
-    specs = {}
-    for name in available_detectors(folder) if folder.is_dir() else []:
-        try:
-            specs[name] = load_spec(folder / f"{name}.yaml")
-        except DetectorError as e:
-            err.print(Text(f"warning: skipping detector {name}: {e}"), highlight=False)
-    ctx = ReplayContext.from_specs(specs)
-    return SpecSet(
-        {n: _Spec(s) for n, s in specs.items()},
-        dict(ctx.thresholds),
-        dict(ctx.aggregations),
-        {n: dict(c) for n, c in ctx.clamps.items()},
-    )
+    return SpecSet.from_folder(folder, lambda msg: err.print(Text(f"warning: {msg}"), highlight=False))
 
 
 def _draft(path: Path, specs: SpecSet | None) -> Any:
-    from monitor.runtime import policy_issues
     from policies.loader import check_policy
 
     try:
@@ -90,7 +57,7 @@ def _draft(path: Path, specs: SpecSet | None) -> Any:
     known = set(specs.detectors) if specs is not None else None
     policy, issues = check_policy(text, str(path), known)
     if policy is not None and specs is not None:
-        issues = policy_issues(cast(Any, specs))(policy, str(path))  # duck-typed: see SpecSet
+        issues = policy_issues(specs)(policy, str(path))
     if policy is None or issues:
         for issue in issues:
             err.print(Text(str(issue)), highlight=False, soft_wrap=True)

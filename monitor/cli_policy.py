@@ -34,9 +34,8 @@ def _fail(msg: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _default_known_detectors() -> tuple[set[str] | None, str]:
-    """Detectors shipped with the default SAE, or None (skip name checks) with the reason."""
-    from detectors.registry import available_detectors
+def _default_detectors_dir() -> tuple[Path | None, str]:
+    """The default SAE's detectors folder, or None (skip detector checks) with the reason."""
     from sae_assets.registry import DEFAULT_SAE, resolve_sae_path
 
     try:
@@ -45,7 +44,7 @@ def _default_known_detectors() -> tuple[set[str] | None, str]:
         return None, f"the default SAE {DEFAULT_SAE!r} is not installed"
     if not folder.is_dir():
         return None, f"{folder} does not exist"
-    return set(available_detectors(folder)), str(folder)
+    return folder, str(folder)
 
 
 @policy_app.command("check")
@@ -55,8 +54,8 @@ def check(
         Path | None,
         typer.Option(
             "--detectors-dir",
-            help="Folder of detector specs whose names rules may use "
-            "(default: the default SAE's detectors folder, when present).",
+            help="Folder of detector specs the rules are checked against: names, operating points, "
+            "aggregations, min_tokens (default: the default SAE's detectors folder, when present).",
         ),
     ] = None,
 ) -> None:
@@ -73,14 +72,16 @@ def check(
     if detectors_dir is not None:
         if not detectors_dir.is_dir():
             raise _fail(f"--detectors-dir: {detectors_dir} is not a directory")
-        known: set[str] | None = set(available_detectors(detectors_dir))
-        where = str(detectors_dir)
+        folder: Path | None = detectors_dir
     else:
-        known, where = _default_known_detectors()
-    if known is None:
-        err.print(f"note: detector names not checked ({where}; pass --detectors-dir)", highlight=False)
+        folder, where = _default_detectors_dir()
+    known = set(available_detectors(folder)) if folder is not None else None
+    if folder is None:
+        err.print(f"note: detectors not checked ({where}; pass --detectors-dir)", highlight=False)
 
     policy, issues = check_policy(text, str(file), known)
+    if policy is not None and not issues and folder is not None:
+        issues = _spec_issues(policy, str(file), folder)
     if issues or policy is None:
         for issue in issues:
             typer.echo(str(issue))
@@ -150,6 +151,17 @@ def publish(
     except (OSError, UnicodeDecodeError) as e:
         raise _fail(f"cannot read policy file {file}: {e}") from None
     known, where = _known_detectors(detectors_dir)
+    if known is not None:  # refuse here what every replica would refuse
+        from policies import check_policy
+
+        policy, issues = check_policy(text, str(file), known)
+        folder = detectors_dir or _default_detectors_dir()[0]
+        if policy is not None and not issues and folder is not None:
+            issues = _spec_issues(policy, str(file), folder)
+        if issues:
+            for issue in issues:
+                typer.echo(str(issue))
+            raise _fail(f"{len(issues)} issue(s) in {file}; nothing published", 1)
     try:
         with _redis(config, data_dir, redis_url) as client:
             pub = publish_policy(client, text, source=str(file), by=by, known_detectors=known)
@@ -192,11 +204,21 @@ def status(config: ConfigOpt = None, data_dir: DataDirOpt = None, redis_url: Red
     out.print(table)
 
 
+def _spec_issues(policy: Any, source: str, folder: Path) -> list[Any]:
+    """What the server would also refuse, from the detector specs alone (no weights): operating points,
+    aggregations, stream-calibrated thresholds judged too early, steer sources that cannot steer."""
+    from monitor.policy_checks import SpecSet, policy_issues
+
+    specs = SpecSet.from_folder(folder, lambda msg: err.print(f"warning: {msg}", highlight=False))
+    return policy_issues(specs)(policy, source)
+
+
 def _known_detectors(folder: Path | None) -> tuple[set[str] | None, str]:
     from detectors.registry import available_detectors
 
     if folder is None:
-        return _default_known_detectors()
+        default, where = _default_detectors_dir()
+        return (set(available_detectors(default)) if default is not None else None), where
     if not folder.is_dir():
         raise _fail(f"--detectors-dir: {folder} is not a directory")
     return set(available_detectors(folder)), str(folder)

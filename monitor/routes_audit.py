@@ -249,7 +249,7 @@ def _replay(request: Request, params: Params, p: Principal, text: str) -> dict[s
 
 def _validated(text: str, dset: Any) -> Policy:
     """The draft, checked like a policy file and against the running detectors; 400 naming the field."""
-    from monitor.runtime import policy_issues
+    from monitor.policy_checks import policy_issues
 
     known = set(dset.detectors) if dset is not None else None
     policy, issues = check_policy(text, "draft", known)

@@ -17,10 +17,11 @@ from detectors.base import Detector
 from monitor.engine import Engine
 from monitor.generate import Generator
 from monitor.monitoring import DetectorSet
+from monitor.policy_checks import policy_issues
 from monitor.settings import Settings
-from policies.loader import PolicyError, PolicyIssue
+from policies.loader import PolicyError
 from policies.reload import PolicyHolder, PolicyWatcher
-from policies.schema import Policy, format_aggregation, threshold_key
+from policies.schema import Policy
 
 log = logging.getLogger(__name__)
 # tokens: beyond this the added latency outweighs withholding a long trigger. 16: the default policy's
@@ -79,87 +80,6 @@ def derived_hold_back(policy: Policy) -> int:
         elif agg.kind == "count_over" and isinstance(rule.threshold, float):
             need = max(need, int(rule.threshold) - 1)
     return min(need, HOLD_BACK_CAP)
-
-
-def policy_issues(dset: DetectorSet) -> Any:
-    """A policy validator for what only the loaded detectors know: every `steer: {latents: detector}`
-    source can steer, and a `calibrated` threshold is used with the aggregation it was calibrated for."""
-
-    def check(policy: Policy, source: str) -> list[PolicyIssue]:
-        issues = []
-        for i, rule in enumerate(policy.rules):
-            own = dset.aggregations.get(rule.detector)
-            agg = rule.aggregation
-            if isinstance(rule.threshold, str) and rule.detector in dset.detectors:
-                key = threshold_key(rule.detector, rule.threshold)
-                if key not in dset.thresholds:
-                    have = sorted(dset.detectors[rule.detector].spec.operating_points) or ["none"]
-                    issues.append(
-                        PolicyIssue(
-                            source,
-                            None,
-                            f"rules[{i}].threshold",
-                            f"{rule.detector!r} has no operating point {rule.threshold!r} (has: "
-                            f"{', '.join(have)}); add one with `featurewatch detectors calibrate "
-                            f"{rule.detector} --operating-point --target-fpr FPR`",
-                        )
-                    )
-            if (
-                isinstance(rule.threshold, str)
-                and isinstance(agg, Aggregation)
-                and own is not None
-                and agg != own
-            ):
-                issues.append(
-                    PolicyIssue(
-                        source,
-                        None,
-                        f"rules[{i}].aggregation",
-                        f"the calibrated threshold of {rule.detector!r} is for {format_aggregation(own)}; "
-                        "use `aggregation: detector` or a numeric threshold",
-                    )
-                )
-            issue = _stream_issue(dset, rule, i, source)
-            if issue is not None:
-                issues.append(issue)
-        for src in policy.steer_sources:
-            if src not in dset.detectors:
-                issues.append(PolicyIssue(source, None, "rules", f"steer source {src!r} is not loaded"))
-            elif not dset.clamps.get(src):
-                kind = dset.detectors[src].spec.kind
-                issues.append(
-                    PolicyIssue(
-                        source,
-                        None,
-                        "rules",
-                        f"detector {src!r} ({kind}) cannot steer (no latents to clamp); name an "
-                        "sae_features detector with `steer: {latents: detector, detector: NAME}`",
-                    )
-                )
-        return issues
-
-    return check
-
-
-def _stream_issue(dset: DetectorSet, rule: Any, i: int, source: str) -> PolicyIssue | None:
-    """A `calibrated` threshold set on stream peaks from token N (detectors train --stream-from N) holds
-    its false-positive rate only for mid-stream rules that wait for N tokens: earlier, a running mean
-    is noisier and fires more often."""
-    det = dset.detectors.get(rule.detector)
-    if det is None or not isinstance(rule.threshold, str) or rule.final_only:
-        return None
-    if rule.scope in ("prompt", "conversation"):  # judged on the prefill / per turn, not per token
-        return None
-    n = (det.spec.eval.get("calibration") or {}).get("stream_from")
-    if not isinstance(n, int) or rule.min_tokens >= n:
-        return None
-    return PolicyIssue(
-        source,
-        None,
-        f"rules[{i}].min_tokens",
-        f"the calibrated thresholds of {rule.detector!r} hold from token {n} on (calibrated on stream "
-        f"peaks); set `min_tokens: {n}` or more, or use a numeric threshold",
-    )
 
 
 @dataclass(frozen=True)

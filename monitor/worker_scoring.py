@@ -17,7 +17,8 @@ from typing import Any
 
 from detectors.scoring import Scorer
 from monitor.monitoring import DetectorSet
-from monitor.runtime import StartupError, policy_issues
+from monitor.policy_checks import policy_issues
+from monitor.runtime import StartupError
 from monitor.settings import Settings
 from monitor.worker_protocol import Request, error_fields
 from policies.evaluate import Finding, Phase, Verdict, evaluate

@@ -14,12 +14,16 @@ from policies import DEFAULT_POLICY_PATH
 runner = CliRunner()
 
 
+SHIPPED = Path(__file__).resolve().parents[2] / "sae_assets" / "smollm2-135m-l15" / "detectors"
+
+
 @pytest.fixture
 def detectors_dir(tmp_path: Path) -> Path:
+    """The shipped specs the default policy uses (YAML only: the checks need no weights)."""
     folder = tmp_path / "detectors"
     folder.mkdir()
     for name in ("scam", "deception", "bias", "bias_sae", "falsehood"):
-        (folder / f"{name}.yaml").write_text(f"name: {name}\n")
+        (folder / f"{name}.yaml").write_text((SHIPPED / f"{name}.yaml").read_text())
     return folder
 
 
@@ -54,13 +58,44 @@ def test_check_exit_codes_for_bad_input(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--detectors-dir" in res.stderr
 
 
-def test_default_detectors_from_the_default_sae(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(cli_policy, "_default_known_detectors", lambda: ({"scam"}, "shipped"))
+def test_default_detectors_from_the_default_sae(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, detectors_dir: Path
+) -> None:
+    (detectors_dir / "deception.yaml").unlink()
+    monkeypatch.setattr(cli_policy, "_default_detectors_dir", lambda: (detectors_dir, "shipped"))
     res = runner.invoke(policy_app, ["check", str(DEFAULT_POLICY_PATH)])
-    assert res.exit_code == 1 and "unknown detector 'deception' (valid: scam)" in res.stdout
-    monkeypatch.setattr(cli_policy, "_default_known_detectors", lambda: (None, "not installed"))
+    assert res.exit_code == 1 and "unknown detector 'deception' (valid: bias, bias_sae, falsehood, scam)" in (
+        " ".join(res.stdout.split())
+    )
+    monkeypatch.setattr(cli_policy, "_default_detectors_dir", lambda: (None, "not installed"))
     res = runner.invoke(policy_app, ["check", str(DEFAULT_POLICY_PATH)])
-    assert res.exit_code == 0 and "detector names not checked" in res.stderr
+    assert res.exit_code == 0 and "detectors not checked" in res.stderr
+
+
+def test_check_and_publish_refuse_what_the_server_refuses(tmp_path: Path, detectors_dir: Path) -> None:
+    """Beyond names: the spec-level checks the server runs (here: the scam flag judged at token 8 while
+    the shipped scam thresholds are calibrated on stream peaks from token 16; an operating point the
+    spec lacks). `publish` refuses before it touches Redis, so nothing reaches the replicas."""
+    text = DEFAULT_POLICY_PATH.read_text()
+    early = tmp_path / "early.yaml"
+    early.write_text(text.replace("min_tokens: 16", "min_tokens: 8"))
+    res = runner.invoke(policy_app, ["check", str(early), "--detectors-dir", str(detectors_dir)])
+    out = " ".join(res.stdout.split())
+    assert res.exit_code == 1 and "rules[2].min_tokens" in out and "from token 16 on" in out
+    assert "rules[0]" not in out  # the block rule's numeric threshold carries no calibration claim
+    no_point = tmp_path / "no_point.yaml"
+    no_point.write_text(
+        text.replace(
+            "threshold: calibrated@0.05\n    final_only", "threshold: calibrated@0.2\n    final_only"
+        )
+    )
+    res = runner.invoke(policy_app, ["check", str(no_point), "--detectors-dir", str(detectors_dir)])
+    assert res.exit_code == 1 and "no operating point 'calibrated@0.2'" in " ".join(res.stdout.split())
+    unreachable = ["--redis-url", "redis://127.0.0.1:1/0"]  # never contacted
+    res = runner.invoke(
+        policy_app, ["publish", str(early), "--detectors-dir", str(detectors_dir), *unreachable]
+    )
+    assert res.exit_code == 1 and "nothing published" in res.stderr and "Redis" not in res.stderr
 
 
 def test_policy_group_is_registered() -> None:
