@@ -591,6 +591,7 @@ def list_cmd(
     from detectors.errors import DetectorError
     from detectors.registry import available_detectors
     from detectors.spec import load_spec
+    from policies.schema import format_aggregation
 
     folder = sae_folder(sae) / "detectors"
     rows: list[dict[str, Any]] = []
@@ -611,6 +612,9 @@ def list_cmd(
                 "target_fpr": spec.target_fpr,
                 "scope": spec.scope,
                 "aggregation": spec.aggregation.kind,
+                "aggregation_spec": format_aggregation(spec.aggregation),
+                # thresholds calibrated on stream peaks from this token (None: on final values)
+                "stream_from": (ev.get("calibration") or {}).get("stream_from"),
                 "variant_of": ev.get("variant_of"),
                 "selected": ev.get("selected"),
                 "auroc_test": ev.get("auroc_test"),
@@ -637,6 +641,7 @@ def _print_list(rows: list[dict[str, Any]], folder: Path) -> None:
         "FPR target",
         "scope",
         "aggregation",
+        "calibrated on",
         "AUROC test",
         "AUROC oof",
         "role",
@@ -658,7 +663,8 @@ def _print_list(rows: list[dict[str, Any]], folder: Path) -> None:
             f"{r['threshold']:.4f}",
             fpr,
             r["scope"],
-            r["aggregation"],
+            r["aggregation_spec"],
+            "final value" if r["stream_from"] is None else f"peak from token {r['stream_from']}",
             _f(r["auroc_test"]),
             _f(r["auroc_oof"]),
             role,

@@ -126,6 +126,7 @@ def test_discover_writes_a_loadable_spec_and_list_shows_it(
     assert listed.exit_code == 0, listed.output
     rows = {r["name"]: r for r in json.loads(listed.output)}
     assert set(rows) == {"found", "planted"} and rows["planted"]["threshold"] == 0.6
+    assert rows["planted"]["stream_from"] is None  # calibrated (if at all) on final values
     (sae_dir / "detectors" / "broken.yaml").write_text("name: broken\nkind: nope\n")
     assert runner.invoke(app, ["detectors", "list", "--sae", str(sae_dir)]).exit_code == 1
 
@@ -204,6 +205,9 @@ def test_calibrate_on_stream_peaks_keeps_that_basis(
     run("--operating-point")  # same basis: fine
     mixed = runner.invoke(app, [*base, "--operating-point", "--stream-from", "0"])
     assert mixed.exit_code == 2 and "stream peaks from token 2" in " ".join(mixed.output.split())
+    listed = runner.invoke(app, ["detectors", "list", "--sae", str(sae_dir), "--json"])
+    row = {r["name"]: r for r in json.loads(listed.output)}["planted"]
+    assert row["stream_from"] == 2 and row["aggregation_spec"] == "mean"
 
 
 def test_train_then_eval_then_list(tmp_path: Path, sae_dir: Path, tiny_model_dir: Path) -> None:
