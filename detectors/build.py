@@ -12,9 +12,9 @@ records wins (folds keep records with the same final user prompt together: the s
 with `select_by="calib_recall"` it is the variant whose fold models recall the most seed positives (held
 out in their fold) at the threshold giving `select_fpr` on `calib_records` (no test record is used);
 "hard_recall" is the same with each fold's held-out seed negatives (topic-matched hard negatives such as
-genuine bank notices) added to those calibration negatives, so recall bought by firing on them does not count.
-With `stream_from` both criteria, and the thresholds, read each record's stream peak (the highest running
-aggregate from that token on, as a mid-stream rule does) instead of its final value.
+genuine bank notices) added to those calibration negatives, so recall bought by firing on them does not
+count. With `stream_from` the *_recall criteria, and the thresholds, read each record's stream peak (the
+highest running aggregate from that token on, as a mid-stream rule does) instead of its final value.
 Thresholds are set for `target_fpr` on calibration negatives: the out-of-fold scores of the training
 negatives plus the final model's scores on `calib_records` (label 0 or unlabelled), or the latter only
 (`calib_only`); `operating_fprs` adds further calibrated operating points on the same negatives. The kind
@@ -38,8 +38,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from detectors.aggregate import Aggregation, stream_peak
-from detectors.base import Detector, TokenFeatures, score_message
+from detectors.aggregate import Aggregation, aggregate, stream_peak
+from detectors.base import Detector, TokenFeatures
 from detectors.calibrate import auroc, metrics, threshold_for_fpr
 from detectors.datasets import group_key, monitored_text, stable_hash, truncate_records
 from detectors.discover import make_sae_features_spec, rank_latents
@@ -372,7 +372,14 @@ class _Fitter:
     def scores(self, det: Detector, idx: Tensor, peak_from: int | None = None) -> Tensor:
         """Message values of records `idx`; with `peak_from`, each record's highest running value from
         that token on (aggregate.stream_peak: what a mid-stream rule with that min_tokens sees)."""
-        out = []
+        finals, peaks = self.values(det, idx, peak_from)
+        return finals if peaks is None else peaks
+
+    def values(self, det: Detector, idx: Tensor, peak_from: int | None) -> tuple[Tensor, Tensor | None]:
+        """Final message values of records `idx` and (with `peak_from`) their stream peaks, both from
+        one pass over each record's token scores."""
+        finals, peaks = [], []
+        agg = det.spec.aggregation
         for i in idx.tolist():
             f = self.c.feats[i]
             if isinstance(det, SaeFeaturesDetector):
@@ -380,26 +387,31 @@ class _Fitter:
                 with torch.inference_mode():
                     lat = self.sae.encode_watched(f.resid_at(self.sae_point).to(self.sae.W_enc.device), ids)
                 f = TokenFeatures(latents=lat.float().cpu(), latent_ids=ids)
-            if peak_from is None:
-                out.append(score_message(det, f))
-            else:
-                out.append(stream_peak(det.score_tokens(f), det.spec.aggregation, peak_from))
-        return torch.tensor(out, dtype=torch.float64)
+            tokens = det.score_tokens(f)
+            finals.append(aggregate(tokens, agg))
+            if peak_from is not None:
+                peaks.append(stream_peak(tokens, agg, peak_from))
+        out = torch.tensor(finals, dtype=torch.float64)
+        return out, (torch.tensor(peaks, dtype=torch.float64) if peak_from is not None else None)
 
     def oof(
         self, v: Variant, folds: Tensor, calib: _Fitter | None = None, peak_from: int | None = None
-    ) -> tuple[Tensor, list[Tensor]]:
-        """Out-of-fold message values for every record (with `peak_from`: stream peaks, see `scores`),
-        and (with `calib`) each fold model's values on the calibration records (one tensor per fold)."""
+    ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+        """Out-of-fold final message values for every record, their stream peaks (with `peak_from`, see
+        `scores`; else None), and (with `calib`) each fold model's values on the calibration records,
+        peaks with `peak_from` (one tensor per fold, in fold order)."""
         out = torch.zeros(len(folds), dtype=torch.float64)
+        out_peaks = torch.zeros(len(folds), dtype=torch.float64) if peak_from is not None else None
         per_fold: list[Tensor] = []
         for k in folds.unique().tolist():
             det, _ = self.fit(v, torch.nonzero(folds != k).flatten(), "oof")
             held = torch.nonzero(folds == k).flatten()
-            out[held] = self.scores(det, held, peak_from)
+            out[held], held_peaks = self.values(det, held, peak_from)
+            if out_peaks is not None and held_peaks is not None:
+                out_peaks[held] = held_peaks
             if calib is not None:
                 per_fold.append(calib.scores(det, torch.arange(len(calib.c.feats)), peak_from))
-        return out, per_fold
+        return out, out_peaks, per_fold
 
 
 def calib_recall(
@@ -532,15 +544,14 @@ def build_concept_detectors(
         """Figures on the test records: AUROC (final values), metrics at the threshold and each operating
         point, and the FPR on each source of test negatives (e.g. seed vs the model's own answers); with
         `stream_from` the thresholded figures use stream peaks, as the thresholds do."""
-        tf, everyone = _Fitter(test, points, sae, n_latents, labels), torch.arange(len(test.feats))
-        ts = tf.scores(det, everyone)
+        everyone = torch.arange(len(test.feats))
+        finals, test_peaks = _Fitter(test, points, sae, n_latents, labels).values(det, everyone, stream_from)
         fig: dict[str, Any] = {
-            "auroc_test": _r(auroc(ts[test.labels == 1], ts[test.labels == 0]))
+            "auroc_test": _r(auroc(finals[test.labels == 1], finals[test.labels == 0]))
             if bool((test.labels == 1).any() and (test.labels == 0).any())
             else None
         }
-        if stream_from is not None:
-            ts = tf.scores(det, everyone, stream_from)
+        ts = finals if test_peaks is None else test_peaks
         tp, tn = ts[test.labels == 1], ts[test.labels == 0]
         fig["test"] = _figures(metrics(tp, tn, thr))
         if op_thr:
@@ -559,18 +570,15 @@ def build_concept_detectors(
         return fig
 
     def calib_negatives_oof(v: Variant) -> Tensor:
-        """The training negatives' out-of-fold values used for thresholds (none with calib_only)."""
+        """The training negatives' out-of-fold values used for thresholds (none with calib_only):
+        stream peaks with stream_from, else final values."""
         if calib_only:
             return torch.zeros(0, dtype=torch.float64)
-        if stream_from is None:
-            return tried[v][train.labels == 0]
-        if v not in peaks:
-            peaks[v] = fitter.oof(v, fold, peak_from=stream_from)[0]
-        return peaks[v][train.labels == 0]
+        return (peaks if stream_from is not None else tried)[v][train.labels == 0]
 
     out, specs, figures = Path(out_dir), {}, {}
-    tried: dict[Variant, Tensor] = {}
-    peaks: dict[Variant, Tensor] = {}  # out-of-fold stream peaks (stream_from), filled on demand
+    tried: dict[Variant, Tensor] = {}  # out-of-fold final values per variant (AUROC)
+    peaks: dict[Variant, Tensor] = {}  # their stream peaks (stream_from): selection and thresholds
     for kind, suffix in SUFFIX.items():
         name = f"{concept}{suffix}"
         tried.clear()
@@ -578,13 +586,12 @@ def build_concept_detectors(
         sel: dict[Variant, float] = {}
         use_calib = calib_fitter if select_by != "auroc_oof" else None
         for v in (v for v in variants if v.kind == kind):
-            tried[v], per_fold = fitter.oof(v, fold, use_calib)
+            # with stream_from, each variant is judged as its mid-stream rules will run: on peaks
+            tried[v], v_peaks, per_fold = fitter.oof(v, fold, use_calib, stream_from)
+            if v_peaks is not None:
+                peaks[v] = v_peaks
             if use_calib is not None:
-                # with stream_from, judge each variant as its mid-stream rules will run: on peaks
-                vals = tried[v]
-                if stream_from is not None:
-                    vals, per_fold = fitter.oof(v, fold, use_calib, peak_from=stream_from)
-                    peaks[v] = vals
+                vals = tried[v] if v_peaks is None else v_peaks
                 sel[v] = calib_recall(vals, per_fold, fold, seed_pos, select_fpr, hard_neg)
         oof_auc = {v: auroc(s[train.labels == 1], s[train.labels == 0]) for v, s in tried.items()}
         # First listed wins ties: the simpler variants.

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from sae_testing import tiny_sae
 
 from detectors.build import assign_folds, build_concept_detectors, shipped_detectors
 from detectors.datasets import (
@@ -24,7 +25,7 @@ from detectors.datasets import (
 )
 from detectors.evaluate import evaluate_detectors, render_markdown
 from detectors.registry import load_detectors
-from sae_assets.sae import SAE, SAEConfig, SAEMetadata
+from sae_assets.sae import SAE
 
 POS = [
     "Please verify your bank account password at this link.",
@@ -144,11 +145,7 @@ def test_folds_keep_groups_together() -> None:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Any) -> tuple[Path, SAE, Any]:
     folder = tmp_path_factory.mktemp("sae")
-    meta = SAEMetadata(hook_name="blocks.2.hook_resid_post", extra={"hf_hook_point": "model.layers.2"})
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(architecture="standard", d_in=32, d_sae=24, metadata=meta))
-    with torch.no_grad():
-        sae.W_enc.normal_(0, 1.0)
+    sae = tiny_sae(24)
     sae.save(folder)
     recs = [_chat(i, label) for i in range(16) for label in (0, 1)]
     (folder / "concepts").mkdir()

@@ -7,13 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
+from sae_testing import tiny_sae
 from typer.testing import CliRunner
 
 from detectors.registry import load_detectors
 from monitor.cli import app
-from sae_assets.sae import SAE, SAEConfig, SAEMetadata
 
 runner = CliRunner()
 GOOD = [
@@ -29,12 +28,7 @@ GOOD = [
 @pytest.fixture()
 def sae_dir(tmp_path: Path) -> Path:
     """An SAE folder (d_in 32 at model.layers.2) with a planted sae_features detector."""
-    meta = SAEMetadata(hook_name="blocks.2.hook_resid_post", extra={"hf_hook_point": "model.layers.2"})
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(architecture="standard", d_in=32, d_sae=16, metadata=meta))
-    with torch.no_grad():
-        sae.W_enc.normal_(0, 1.0)
-    folder = sae.save(tmp_path / "sae")
+    folder = tiny_sae().save(tmp_path / "sae")
     spec = {
         "name": "planted",
         "kind": "sae_features",

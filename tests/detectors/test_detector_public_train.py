@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from sae_testing import tiny_sae
 from typer.testing import CliRunner
 
 from detectors.build import source_weights
@@ -22,7 +22,6 @@ from detectors.datasets import (
 )
 from detectors.spec import load_spec
 from monitor.cli import app
-from sae_assets.sae import SAE, SAEConfig, SAEMetadata
 
 runner = CliRunner()
 SCAM = "Urgent: verify your bank password at this link or your account is closed"
@@ -123,10 +122,7 @@ def test_source_weights_give_every_source_the_same_total() -> None:
 # ---- CLI end to end on the tiny model -----------------------------------------------------------------
 @pytest.fixture()
 def sae_dir(tmp_path: Path) -> Path:
-    meta = SAEMetadata(hook_name="blocks.2.hook_resid_post", extra={"hf_hook_point": "model.layers.2"})
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(architecture="standard", d_in=32, d_sae=16, metadata=meta))
-    folder = sae.save(tmp_path / "sae")
+    folder = tiny_sae(encoder=False).save(tmp_path / "sae")
     recs = []
     for i in range(12):
         for label, text in ((1, SCAM), (0, HAM)):

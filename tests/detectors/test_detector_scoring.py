@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
+from sae_testing import tiny_sae
 
 from detectors.base import score_message
 from detectors.errors import DetectorError
@@ -13,7 +13,7 @@ from detectors.extract import iter_token_features
 from detectors.sae_features import SaeFeaturesDetector
 from detectors.scoring import Malformed, Scorer, check_record
 from detectors.spec import LatentSpec, SaeFeaturesSpec
-from sae_assets.sae import SAE, SAEConfig, SAEMetadata
+from sae_assets.sae import SAE
 
 ANSWER = "Please verify your bank account password at this link."
 CHAT = {
@@ -29,12 +29,7 @@ TEXT = {"id": 7, "text": "Paris is the capital of France."}
 
 
 def _sae() -> SAE:
-    meta = SAEMetadata(hook_name="blocks.2.hook_resid_post", extra={"hf_hook_point": "model.layers.2"})
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(architecture="standard", d_in=32, d_sae=16, metadata=meta))
-    with torch.no_grad():
-        sae.W_enc.normal_(0, 1.0)
-    return sae
+    return tiny_sae()
 
 
 def _det(name: str, scope: str = "completion") -> SaeFeaturesDetector:

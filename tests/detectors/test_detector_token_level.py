@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from sae_testing import tiny_sae
 from typer.testing import CliRunner
 
 import detectors.build as build
@@ -24,7 +25,7 @@ from detectors.build import (
 from detectors.registry import load_detectors
 from detectors.spec import load_spec
 from monitor.cli import app
-from sae_assets.sae import SAE, SAEConfig, SAEMetadata
+from sae_assets.sae import SAE
 
 POS = "Verify your bank password at this link now"
 NEG = "The quick brown fox jumps over the lazy dog"
@@ -37,11 +38,7 @@ def _chat(i: int, label: int, split: str) -> dict[str, Any]:
 
 
 def _sae(folder: Path) -> SAE:
-    meta = SAEMetadata(hook_name="blocks.2.hook_resid_post", extra={"hf_hook_point": "model.layers.2"})
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(architecture="standard", d_in=32, d_sae=16, metadata=meta))
-    with torch.no_grad():
-        sae.W_enc.normal_(0, 1.0)
+    sae = tiny_sae()
     sae.save(folder)
     return sae
 

@@ -13,18 +13,13 @@ import yaml
 
 @pytest.fixture(scope="session")
 def tiny_sae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sae_testing import tiny_sae
+
     from detectors.linear import LinearFit
     from detectors.probe import save_probe
-    from sae_assets.sae import SAE, SAEConfig, SAEMetadata
 
     folder = tmp_path_factory.mktemp("tiny-sae")
-    meta = SAEMetadata(hook_name="blocks.2.hook_resid_post", extra={"hf_hook_point": "model.layers.2"})
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(architecture="standard", d_in=32, d_sae=16, metadata=meta))
-    with torch.no_grad():
-        sae.W_enc.normal_(0, 1.0)
-        sae.W_dec.normal_(0, 1.0)
-    sae.save(folder)
+    tiny_sae(decoder=True).save(folder)
     dets = folder / "detectors"
     dets.mkdir()
 
