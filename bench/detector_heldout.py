@@ -20,6 +20,7 @@ shorter than that: its final value). For `mean` aggregation this peak can exceed
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,19 @@ def main() -> None:
         raise SystemExit(f"{len(bad)} records failed: {bad[0]['error']}")
 
     rows = []
-    for key, det in dets.items():
+    origin = [r["origin"] for r in recs]
+    lab = torch.tensor([int(r["label"]) for r in recs])
+    # Seed records written by the monitored model (bench/detector_modelscam.py) vs by hand: reported
+    # apart as well, since a probe fitted on fluent human-written texts can miss the model's own.
+    by_model = torch.tensor([str(r.get("source", "")).startswith("smollm2") for r in recs])
+    for (key, det), written in itertools.product(dets.items(), ("all", "human", "model")):
         label, c = key.split(":")
         s = torch.tensor([r["scores"][key] for r in res], dtype=torch.float64)
-        origin = [r["origin"] for r in recs]
-        lab = torch.tensor([int(r["label"]) for r in recs])
         seed = torch.tensor([o == f"seed:{c}" for o in origin])
+        if written != "all":
+            if not (seed & by_model).any():
+                continue
+            seed = seed & (by_model if written == "model" else ~by_model)
         hn = torch.tensor([o == "hardneg" for o in origin])
         pos, seed_neg, hn_neg = s[seed & (lab == 1)], s[seed & (lab == 0)], s[hn]
         st = torch.tensor([r["stream_peaks"][key] for r in res], dtype=torch.float64)
@@ -96,6 +104,7 @@ def main() -> None:
         row: dict[str, Any] = {
             "set": label,
             "concept": c,
+            "written": written,
             "n_pos": len(pos),
             "n_seed_neg": len(seed_neg),
             "n_hardneg": len(hn_neg),
@@ -118,15 +127,17 @@ def main() -> None:
             }
         rows.append(row)
     print(
-        "| set | concept | AUROC all / answers | stream AUROC all / seed neg | point | threshold | recall "
+        "| set | concept | seed written by | n+ / n− seed | AUROC all / answers "
+        "| stream AUROC all / seed neg | point | threshold | recall "
         "| FPR answers | FPR seed neg "
         f"| mid-stream (from token {args.min_tokens}): recall / FPR answers / FPR seed neg |"
     )
-    print("|---|---|---|---|---|---:|---:|---:|---:|---|")
+    print("|---|---|---|---|---|---|---|---:|---:|---:|---:|---|")
     for r in rows:
         for name, p in r["points"].items():
             print(
-                f"| {r['set']} | {r['concept']} | {r['auroc']:.3f} / {r['auroc_vs_hardneg']:.3f} | "
+                f"| {r['set']} | {r['concept']} | {r['written']} | {r['n_pos']} / {r['n_seed_neg']} | "
+                f"{r['auroc']:.3f} / {r['auroc_vs_hardneg']:.3f} | "
                 f"{r['auroc_stream']:.3f} / {r['auroc_stream_vs_seed_neg']:.3f} | {name} | "
                 f"{p['threshold']:.4f} | {p['recall']:.2f} | {p['fpr_hardneg']:.3f} | "
                 f"{p['fpr_seed_neg']:.3f} | {p['stream_recall']:.2f} / {p['stream_fpr_hardneg']:.3f} / "
@@ -139,6 +150,7 @@ def main() -> None:
                 "origin": r["origin"],
                 "label": r["label"],
                 "kind": r.get("kind"),
+                "source": r.get("source"),
                 "scores": o["scores"],
             }
             for r, o in zip(recs, res, strict=True)
