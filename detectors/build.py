@@ -88,7 +88,15 @@ VARIANTS += [Variant("sae_features", p, a) for p in ("max", "mean") for a in ("m
 TOKEN_VARIANTS = [
     Variant("probe", "token", a, c) for a in ("mean", "topk_mean:8") for c in (0.001, 0.01, 0.1)
 ]
-POOLS = ("mean", "max", "token", "last:K")
+# "latents": a probe on mean-pooled SAE latents (ProbeSpec.on_latents) instead of residuals. It reads which
+# features fired, closer to a bag of words than the residual is: on CrowS-Pairs (TF-IDF's strength) it
+# scored 0.70 vs the residual probe's 0.62, lower on our chat seed (docs/benchmarks.md, [3/7], session 14).
+LATENT_VARIANTS = [Variant("probe", "latents", a, c) for a in ("mean", "max") for c in (0.001, 0.01, 0.1)]
+# Inputs of a latent probe: the latents active (> 0) in at least this share of the fitting records, the most
+# frequent first, at most LATENT_INPUTS_MAX (the SAE has 9,216; most fire rarely and only add noise).
+LATENT_MIN_SHARE = 0.01
+LATENT_INPUTS_MAX = 2048
+POOLS = ("mean", "max", "token", "last:K", "latents")
 
 
 def last_pool_k(pool: str) -> int | None:
@@ -98,7 +106,7 @@ def last_pool_k(pool: str) -> int | None:
 
 
 def valid_pool(pool: str) -> bool:
-    return pool in ("mean", "max", "token") or last_pool_k(pool) is not None
+    return pool in ("mean", "max", "token", "latents") or last_pool_k(pool) is not None
 
 
 def last_variants(pool: str) -> list[Variant]:
@@ -281,6 +289,15 @@ def _last_rows(f: TokenFeatures, what: str, point: str, k: int, sae: SAE | None)
     return x.mean(dim=0) if x.shape[0] else torch.zeros(x.shape[1])
 
 
+def active_latents(lat: Tensor) -> list[int]:
+    """Ids of the latents active (> 0) in at least LATENT_MIN_SHARE of the rows of `lat` (N, d_sae), the
+    most frequent first (ties: lower id), at most LATENT_INPUTS_MAX; at least one."""
+    share = (lat > 0).double().mean(dim=0)  # (d_sae,)
+    order = sorted(range(lat.shape[1]), key=lambda j: (-float(share[j]), j))
+    keep = [j for j in order if share[j] >= LATENT_MIN_SHARE][:LATENT_INPUTS_MAX]
+    return keep or order[:1]
+
+
 def token_table(corpus: Corpus, points: Sequence[str], rows: TokenRows) -> tuple[Tensor, Tensor, Tensor]:
     """Token-level training rows, cached: (X (R, D) residuals at `points` concatenated, record index (R,),
     row weight (R,)). A record's rows share its weight (corpus.weights, else 1) equally, so every record
@@ -323,13 +340,26 @@ class _Fitter:
         self.token_rows = token_rows
         self._fits: dict[tuple[Any, ...], Any] = {}  # probe fits shared by variants that differ in agg only
 
-    def _probe_fit(self, v: Variant, idx: Tensor) -> Any:
+    def _probe_fit(self, v: Variant, idx: Tensor) -> tuple[Any, list[int] | None]:
+        """The fitted probe and, for a latent probe, the latent ids it reads (else None)."""
         key = (v.pool, v.C, hashlib.sha256(idx.numpy().tobytes()).hexdigest())
         if key in self._fits:
             return self._fits[key]
         pos, neg = self.c.rows(idx, 1), self.c.rows(idx, 0)
         w = self.c.weights
-        if v.pool == "token":
+        ids: list[int] | None = None
+        if v.pool == "latents":
+            lat = pooled_table(self.c, "latents", "mean", self.sae_point, self.sae)  # (N, d_sae)
+            ids = active_latents(lat[idx])
+            x = lat[:, ids]
+            fit = train_probe(
+                x[pos],
+                x[neg],
+                C=v.C,
+                w_pos=None if w is None else w[pos],
+                w_neg=None if w is None else w[neg],
+            )
+        elif v.pool == "token":
             x, owner, weight = token_table(self.c, self.points, self.token_rows)
             keep = torch.zeros(len(self.c.feats), dtype=torch.bool)
             keep[idx] = True
@@ -346,22 +376,24 @@ class _Fitter:
                 w_pos=None if w is None else w[pos],
                 w_neg=None if w is None else w[neg],
             )
-        self._fits[key] = fit
-        return fit
+        self._fits[key] = (fit, ids)
+        return fit, ids
 
     def fit(self, v: Variant, idx: Tensor, name: str) -> tuple[Detector, Any]:
         agg = parse_agg(v.agg)
         pos, neg = self.c.rows(idx, 1), self.c.rows(idx, 0)
         if v.kind == "probe":
-            fit = self._probe_fit(v, idx)
+            fit, ids = self._probe_fit(v, idx)
             probe = ProbeSpec(
                 name=name,
                 threshold=0.5,
                 aggregation=agg,
-                hook_points=self.points,
+                hook_points=[] if ids is not None else self.points,
+                on_latents=ids is not None,
+                latent_ids=ids,
                 weights_file=f"{name}.safetensors",
             )
-            return ProbeDetector(probe, fit, []), fit
+            return ProbeDetector(probe, fit, ids or []), fit
         x = pooled_table(self.c, "latents", v.pool, self.sae_point, self.sae)
         ranked = rank_latents(x[pos], x[neg])
         if self.labels is not None:
@@ -382,7 +414,9 @@ class _Fitter:
         agg = det.spec.aggregation
         for i in idx.tolist():
             f = self.c.feats[i]
-            if isinstance(det, SaeFeaturesDetector):
+            if isinstance(det, SaeFeaturesDetector) or (
+                isinstance(det, ProbeDetector) and det.spec.on_latents
+            ):
                 ids = det.latent_ids()
                 with torch.inference_mode():
                     lat = self.sae.encode_watched(f.resid_at(self.sae_point).to(self.sae.W_enc.device), ids)
@@ -537,6 +571,7 @@ def build_concept_detectors(
     everything = torch.arange(len(train.feats))
     variants = [v for v in VARIANTS if v.kind != "probe" or v.pool in pools]
     variants += [v for v in TOKEN_VARIANTS if "token" in pools]
+    variants += [v for v in LATENT_VARIANTS if "latents" in pools]
     variants += [v for p in pools if last_pool_k(p) is not None for v in last_variants(p)]
     test_sources = [_sources(r)[0] for r in test_records]
 
@@ -663,7 +698,13 @@ def build_concept_detectors(
         body["description"] = f"{concept}: {kind} detector built by featurewatch detectors train"
         specs[name] = type(det.spec).model_validate(body)
         if fit is not None:
-            save_probe(fit, out / f"{name}.safetensors", hook_points=points)
+            on_lat = isinstance(det.spec, ProbeSpec) and det.spec.on_latents
+            save_probe(
+                fit,
+                out / f"{name}.safetensors",
+                hook_points=None if on_lat else points,
+                latent_ids=det.latent_ids() if on_lat else None,
+            )
         figures[kind] = ev
     key = "auroc_test" if all(f.get("auroc_test") is not None for f in figures.values()) else "auroc_oof"
     # Ties go to sae_features: same quality, but interpretable and able to steer.

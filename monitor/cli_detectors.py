@@ -215,7 +215,7 @@ def train_cmd(
         typer.Option(
             "--pools",
             help="Probe training units: mean, max (pooled per record), last:K (mean of the last K tokens), "
-            "token (each completion token a row).",
+            "token (each completion token a row), latents (a probe on mean-pooled SAE latents).",
         ),
     ] = "mean,max",
     token_skip: Annotated[

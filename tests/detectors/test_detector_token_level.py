@@ -187,6 +187,63 @@ def test_last_pool_fits_the_end_of_each_completion(
     assert ev["auroc_test"] > 0.8
 
 
+def test_active_latents_keeps_frequent_ones_most_frequent_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    lat = torch.zeros(200, 5)
+    lat[:, 1] = 1.0  # every row
+    lat[:100, 3] = 0.5  # half the rows
+    lat[:1, 4] = 2.0  # 0.5 % of rows: below LATENT_MIN_SHARE (1 %)
+    assert build.active_latents(lat) == [1, 3]
+    monkeypatch.setattr(build, "LATENT_INPUTS_MAX", 1)
+    assert build.active_latents(lat) == [1]
+    assert build.active_latents(torch.zeros(10, 5)) == [0]  # never empty: a probe needs an input
+
+
+def test_latent_probe_reads_sae_latents_and_reloads(
+    toy: tuple[Path, SAE, list[Any], list[Any], list[Any]], tiny_lm: Any
+) -> None:
+    """pool "latents": a probe on mean-pooled SAE latents, written as `on_latents` with the latent ids in
+    both the spec and the weights file; the reloaded detector scores records as the built one did."""
+    from detectors.extract import iter_token_features
+    from detectors.probe import load_probe
+
+    folder, sae, train, calib, test = toy
+    result = build_concept_detectors(
+        tiny_lm.model,
+        tiny_lm.tokenizer,
+        sae,
+        "toy",
+        train,
+        calib,
+        folder / "lat",
+        test_records=test,
+        layers=["model.layers.2"],
+        n_latents=4,
+        pools=("latents",),
+    )
+    spec = result.specs["toy_probe"]
+    assert set(spec.eval["variants_auroc_oof"]) == {
+        f"pool=latents,agg={a},C={c}" for a in ("mean", "max") for c in (0.001, 0.01, 0.1)
+    }
+    assert spec.on_latents and spec.hook_points == [] and spec.latent_ids
+    _, meta = load_probe(folder / "lat" / "toy_probe.safetensors")
+    assert meta == {"latent_ids": spec.latent_ids}
+    det = load_detectors(["toy_probe"], folder / "lat", sae, model=tiny_lm.model)["toy_probe"]
+    assert det.latent_ids() == spec.latent_ids and det.hook_points() == []
+    feats = iter_token_features(
+        tiny_lm.model,
+        tiny_lm.tokenizer,
+        test,
+        [],
+        scope="completion",
+        batch_size=4,
+        sae=sae,
+        latent_ids=det.latent_ids(),
+    )
+    scores = torch.tensor([float(det.score_tokens(f).mean()) for f in feats])
+    labels = torch.tensor([r["label"] for r in test])
+    assert float(scores[labels == 1].min()) > float(scores[labels == 0].max())  # the toy concept separates
+
+
 def test_stream_calibration_thresholds_the_peaks(
     toy: tuple[Path, SAE, list[Any], list[Any], list[Any]], tiny_lm: Any
 ) -> None:
