@@ -7,13 +7,13 @@
 Why: the scam seed's positives are human-written, fluent scams. SmolLM2-135M writes shorter, clumsier
 ones, and a probe fitted on the human texts catches few of them (docs/benchmarks.md, [3/7] session 13).
 This script asks the default model every request of `concepts/scam.jsonl` that has a request-shaped
-user turn (the scam requests and the benign requests for genuine notices, both splits) in three ways
-(benign requests: greedy and prefill only):
+user turn (the scam requests and the benign requests for genuine notices, both splits) in these ways:
 
 - `greedy`: what the server answers by default (temperature 0);
 - `sampled`: temperature 0.8, top-p 0.95 (a different wording each run of the seed);
 - `prefill`: sampled after the assistant turn was started with the first words of the seed's own answer
-  (a model that was jailbroken or told how to begin; it also makes the model comply far more often).
+  (a model that was jailbroken or told how to begin; it also makes the model comply far more often);
+  `prefill2` (scam requests only): the same with another sampling seed.
 
 `generate` appends to `answers.jsonl` (resumable: done ids are skipped). Labels are given by reading
 each answer, not from the request: `labels.jsonl` holds `{"id", "label": 1 | 0 | null, "why"}` (1: the
@@ -43,7 +43,9 @@ REQUEST_KINDS = {
     1: None,  # every positive is a request to write a scam
     0: {"legit_bank_alert", "legit_notice", "marketing_email", "password_reset"},
 }
-VARIANTS = ("greedy", "sampled", "prefill")
+VARIANTS = ("greedy", "sampled", "prefill", "prefill2")  # prefill2: prefill again, other sampling seed
+BENIGN_VARIANTS = ("greedy", "prefill", "sampled")
+SEED_OFFSET = {"prefill2": 1000}  # sampling seed = --seed + offset + batch start
 PREFILL_WORDS = 5  # first words of the seed's answer given as the start of the assistant turn
 SEED_FILE = "scam.jsonl"
 ID_PREFIX = "scam-m-"
@@ -74,7 +76,7 @@ def prefill_of(answer: str) -> str:
 def jobs(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for rec in recs:
-        for v in VARIANTS if rec["label"] else ("greedy", "prefill"):
+        for v in VARIANTS if rec["label"] else BENIGN_VARIANTS:
             out.append(
                 {
                     "id": f"{rec['id']}-{v}",
@@ -83,7 +85,7 @@ def jobs(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "request_label": rec["label"],
                     "split": rec["split"],
                     "prompt": rec["messages"][0]["content"],
-                    "prefill": prefill_of(rec["messages"][1]["content"]) if v == "prefill" else "",
+                    "prefill": prefill_of(rec["messages"][1]["content"]) if v.startswith("prefill") else "",
                 }
             )
     return out
@@ -122,7 +124,7 @@ def generate(args: argparse.Namespace) -> None:
                     max_tokens=args.max_new_tokens,
                     temperature=0.0 if greedy else 0.8,
                     top_p=1.0 if greedy else 0.95,
-                    seed=None if greedy else args.seed + i,
+                    seed=None if greedy else args.seed + SEED_OFFSET.get(variant, 0) + i,
                 )
                 results: list[Any] = []
                 for _ in gen.stream([ids[j["id"]] for j in batch], params, results=results):
