@@ -348,18 +348,7 @@ class _Fitter:
         pos, neg = self.c.rows(idx, 1), self.c.rows(idx, 0)
         w = self.c.weights
         ids: list[int] | None = None
-        if v.pool == "latents":
-            lat = pooled_table(self.c, "latents", "mean", self.sae_point, self.sae)  # (N, d_sae)
-            ids = active_latents(lat[idx])
-            x = lat[:, ids]
-            fit = train_probe(
-                x[pos],
-                x[neg],
-                C=v.C,
-                w_pos=None if w is None else w[pos],
-                w_neg=None if w is None else w[neg],
-            )
-        elif v.pool == "token":
+        if v.pool == "token":
             x, owner, weight = token_table(self.c, self.points, self.token_rows)
             keep = torch.zeros(len(self.c.feats), dtype=torch.bool)
             keep[idx] = True
@@ -368,7 +357,12 @@ class _Fitter:
             y = self.c.labels[owner]
             fit = train_probe(x[y == 1], x[y == 0], C=v.C, w_pos=weight[y == 1], w_neg=weight[y == 0])
         else:
-            x = torch.cat([pooled_table(self.c, "resid", v.pool, p) for p in self.points], dim=1)
+            if v.pool == "latents":
+                lat = pooled_table(self.c, "latents", "mean", self.sae_point, self.sae)  # (N, d_sae)
+                ids = active_latents(lat[idx])
+                x = lat[:, ids]
+            else:
+                x = torch.cat([pooled_table(self.c, "resid", v.pool, p) for p in self.points], dim=1)
             fit = train_probe(
                 x[pos],
                 x[neg],

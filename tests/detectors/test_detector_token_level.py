@@ -155,29 +155,36 @@ def test_token_level_build_with_calibration_split(
     assert again.specs["toy_probe"].threshold == pytest.approx(probe.threshold, abs=1e-9)
 
 
-def test_last_pool_fits_the_end_of_each_completion(
-    toy: tuple[Path, SAE, list[Any], list[Any], list[Any]], tiny_lm: Any
-) -> None:
-    """pool "last:K" trains on the mean of each record's last K completion tokens and is served as the
-    mean of the last K token scores (or the max): the written spec reproduces the pooled fit's ranking."""
+def _build_pooled(
+    toy: tuple[Path, SAE, list[Any], list[Any], list[Any]], tiny_lm: Any, sub: str, pool: str
+) -> Any:
+    """The toy concept built with one training pool into `<toy folder>/<sub>`."""
     folder, sae, train, calib, test = toy
-    feats = [TokenFeatures(resid={"model.layers.2": torch.arange(12.0).reshape(6, 2)})]
-    corpus = Corpus(feats, torch.tensor([1]), ["a"], {})
-    assert build.pooled_table(corpus, "resid", "last:2", "model.layers.2").tolist() == [[9.0, 10.0]]
-    assert build.valid_pool("last:3") and not build.valid_pool("last:0") and not build.valid_pool("last")
-    result = build_concept_detectors(
+    return build_concept_detectors(
         tiny_lm.model,
         tiny_lm.tokenizer,
         sae,
         "toy",
         train,
         calib,
-        folder / "last",
+        folder / sub,
         test_records=test,
         layers=["model.layers.2"],
         n_latents=4,
-        pools=("last:2",),
+        pools=(pool,),
     )
+
+
+def test_last_pool_fits_the_end_of_each_completion(
+    toy: tuple[Path, SAE, list[Any], list[Any], list[Any]], tiny_lm: Any
+) -> None:
+    """pool "last:K" trains on the mean of each record's last K completion tokens and is served as the
+    mean of the last K token scores (or the max): the written spec reproduces the pooled fit's ranking."""
+    feats = [TokenFeatures(resid={"model.layers.2": torch.arange(12.0).reshape(6, 2)})]
+    corpus = Corpus(feats, torch.tensor([1]), ["a"], {})
+    assert build.pooled_table(corpus, "resid", "last:2", "model.layers.2").tolist() == [[9.0, 10.0]]
+    assert build.valid_pool("last:3") and not build.valid_pool("last:0") and not build.valid_pool("last")
+    result = _build_pooled(toy, tiny_lm, "last", "last:2")
     ev = result.specs["toy_probe"].eval
     assert set(ev["variants_auroc_oof"]) == {
         f"pool=last:2,agg={a},C={c}" for a in ("last_mean:2", "max") for c in (0.001, 0.01, 0.1)
@@ -206,20 +213,8 @@ def test_latent_probe_reads_sae_latents_and_reloads(
     from detectors.extract import iter_token_features
     from detectors.probe import load_probe
 
-    folder, sae, train, calib, test = toy
-    result = build_concept_detectors(
-        tiny_lm.model,
-        tiny_lm.tokenizer,
-        sae,
-        "toy",
-        train,
-        calib,
-        folder / "lat",
-        test_records=test,
-        layers=["model.layers.2"],
-        n_latents=4,
-        pools=("latents",),
-    )
+    folder, sae, _, _, test = toy
+    result = _build_pooled(toy, tiny_lm, "lat", "latents")
     spec = result.specs["toy_probe"]
     assert set(spec.eval["variants_auroc_oof"]) == {
         f"pool=latents,agg={a},C={c}" for a in ("mean", "max") for c in (0.001, 0.01, 0.1)
