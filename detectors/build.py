@@ -293,9 +293,9 @@ def active_latents(lat: Tensor) -> list[int]:
     """Ids of the latents active (> 0) in at least LATENT_MIN_SHARE of the rows of `lat` (N, d_sae), the
     most frequent first (ties: lower id), at most LATENT_INPUTS_MAX; at least one."""
     share = (lat > 0).double().mean(dim=0)  # (d_sae,)
-    order = sorted(range(lat.shape[1]), key=lambda j: (-float(share[j]), j))
-    keep = [j for j in order if share[j] >= LATENT_MIN_SHARE][:LATENT_INPUTS_MAX]
-    return keep or order[:1]
+    order = torch.sort(share, descending=True, stable=True).indices  # stable: ties keep the lower id first
+    keep = order[share[order] >= LATENT_MIN_SHARE][:LATENT_INPUTS_MAX]
+    return (keep if len(keep) else order[:1]).tolist()
 
 
 def token_table(corpus: Corpus, points: Sequence[str], rows: TokenRows) -> tuple[Tensor, Tensor, Tensor]:
@@ -406,12 +406,10 @@ class _Fitter:
         one pass over each record's token scores."""
         finals, peaks = [], []
         agg = det.spec.aggregation
+        ids = det.latent_ids()  # the latents score_tokens reads (sae_features, latent probes); else []
         for i in idx.tolist():
             f = self.c.feats[i]
-            if isinstance(det, SaeFeaturesDetector) or (
-                isinstance(det, ProbeDetector) and det.spec.on_latents
-            ):
-                ids = det.latent_ids()
+            if ids:
                 with torch.inference_mode():
                     lat = self.sae.encode_watched(f.resid_at(self.sae_point).to(self.sae.W_enc.device), ids)
                 f = TokenFeatures(latents=lat.float().cpu(), latent_ids=ids)
@@ -692,12 +690,12 @@ def build_concept_detectors(
         body["description"] = f"{concept}: {kind} detector built by featurewatch detectors train"
         specs[name] = type(det.spec).model_validate(body)
         if fit is not None:
-            on_lat = isinstance(det.spec, ProbeSpec) and det.spec.on_latents
+            ids = det.latent_ids()  # a latent probe's inputs; [] for a residual probe
             save_probe(
                 fit,
                 out / f"{name}.safetensors",
-                hook_points=None if on_lat else points,
-                latent_ids=det.latent_ids() if on_lat else None,
+                hook_points=None if ids else points,
+                latent_ids=ids or None,
             )
         figures[kind] = ev
     key = "auroc_test" if all(f.get("auroc_test") is not None for f in figures.values()) else "auroc_oof"

@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from detectors.aggregate import stream_peak
-from detectors.base import Detector, TokenFeatures, fires, score_message
+from detectors.aggregate import aggregate, stream_peak
+from detectors.base import Detector, TokenFeatures, fires
 from detectors.errors import DetectorError
 from detectors.extract import iter_token_features, scope_span, scoped_positions
 from sae_assets.sae import SAE
@@ -146,10 +146,11 @@ class Scorer:
         peaks: dict[str, float] = {}
         for name, det in self.detectors.items():
             span, offset = self._span(prep, feats, det.spec.scope)
-            value = score_message(det, span)
+            tokens = det.score_tokens(span)  # once: the message value and the stream peak read the same
+            value = aggregate(tokens, det.spec.aggregation)
             scores[name], fired[name] = value, fires(det, value)
             if self.stream_from is not None:
-                peaks[name] = stream_peak(det.score_tokens(span), det.spec.aggregation, self.stream_from)
+                peaks[name] = stream_peak(tokens, det.spec.aggregation, self.stream_from)
             top[name] = [self._evidence(prep, item, offset) for item in det.top_features(span, self.top_k)]
         n_scored = feats.n_tokens - prep.n_prompt if prep.kind == "completion" else feats.n_tokens
         out = {
