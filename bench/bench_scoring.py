@@ -2,6 +2,7 @@
 side by side with a full forward pass (all 30 blocks + LM head) over the same batches.
 
 Run: .venv/bin/python bench/bench_scoring.py [--rounds 3] [--batch-size 8] [--records 96] [--json out.json]
+     [--model NAME|FOLDER] [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16]
 
 When some shipped detectors read deeper than the SAE's layer, the detectors that read only the SAE's layer
 are timed as well ("shallow"): the price of the deeper hook point.
@@ -69,7 +70,9 @@ def _time_full(model: Any, tokenizer: Any, records: list[dict[str, Any]], batch_
     batches = _batches(tokenizer, records, batch_size)
     with torch.inference_mode():
         for input_ids, mask in batches:
-            model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()  # kernels are asynchronous: time them, not their launch
     return time.perf_counter() - t0
 
 
@@ -79,10 +82,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--records", type=int, default=96)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="alias, folder or Hugging Face id")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    ap.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16")
     a = ap.parse_args()
-    lm = load_model(device="cpu")
+    lm = load_model(a.model, device=a.device, dtype=a.dtype)
     folder = resolve_sae_path(DEFAULT_SAE)
-    sae = SAE.load(folder)
+    sae = SAE.load(folder).to(lm.device)
     names = shipped_detectors(folder / "detectors")
     dets = load_detectors(names, folder / "detectors", sae, model=lm.model)
     scorer = Scorer(lm.model, lm.tokenizer, sae, dets, top_k=0)
@@ -105,6 +111,9 @@ def main() -> None:
         "detectors": names,
         "hook_points": scorer.points,
         "n_layers": int(lm.model.config.num_hidden_layers),
+        "model": a.model,
+        "device": str(lm.device),
+        "dtype": str(next(lm.model.parameters()).dtype),
         "records": len(records),
         "tokens": n_tok,
         "batch_size": a.batch_size,

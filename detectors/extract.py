@@ -81,9 +81,15 @@ def scoped_positions(
 ) -> tuple[list[int], list[int]]:
     """(all token ids, positions in scope), the positions without special tokens / position 0 if asked."""
     ids, start, stop = scope_span(tokenizer, record, scope)
+    return ids, kept_positions(tokenizer, ids, start, stop, drop_special)
+
+
+def kept_positions(
+    tokenizer: Any, ids: list[int], start: int, stop: int, drop_special: bool = True
+) -> list[int]:
+    """Positions start..stop-1 of `ids`, without special tokens and position 0 when `drop_special`."""
     special = set(tokenizer.all_special_ids) if drop_special else set()
-    pos = [p for p in range(start, stop) if not (drop_special and (p == 0 or ids[p] in special))]
-    return ids, pos
+    return [p for p in range(start, stop) if not (drop_special and (p == 0 or ids[p] in special))]
 
 
 def iter_token_features(
@@ -101,31 +107,34 @@ def iter_token_features(
     """One TokenFeatures per record (its scoped tokens), in order. With `sae`, latents are encoded at the
     SAE's hook point: `latent_ids` only (watched fast path), or all of them when None. Each forward pass
     stops after the deepest hook point (run_to_hooks)."""
-    points = [hf_hook_point(p) for p in hook_points]
-    sae_point = sae_hook_point(sae) if sae is not None else None
-    ids_all = list(range(sae.d_sae)) if sae is not None and latent_ids is None else list(latent_ids or [])
-    capture = list(dict.fromkeys([*points, *([sae_point] if sae_point else [])]))
-    if not capture:
+    if not hook_points and sae is None:
         raise DetectorError("nothing to extract: give hook_points and/or an SAE")
+    ids_all = list(range(sae.d_sae)) if sae is not None and latent_ids is None else list(latent_ids or [])
     batch: list[tuple[list[int], list[int]]] = []
     for rec in records:
         batch.append(scoped_positions(tokenizer, rec, scope, drop_special))
         if len(batch) == batch_size:
-            yield from _run_batch(model, batch, points, capture, sae, sae_point, ids_all)
+            yield from batch_token_features(model, batch, hook_points, sae=sae, latent_ids=ids_all)
             batch = []
     if batch:
-        yield from _run_batch(model, batch, points, capture, sae, sae_point, ids_all)
+        yield from batch_token_features(model, batch, hook_points, sae=sae, latent_ids=ids_all)
 
 
-def _run_batch(
+def batch_token_features(
     model: Any,
-    batch: list[tuple[list[int], list[int]]],
-    points: list[str],
-    capture: list[str],
-    sae: SAE | None,
-    sae_point: str | None,
-    latent_ids: list[int],
-) -> Iterator[TokenFeatures]:
+    batch: Sequence[tuple[list[int], list[int]]],
+    hook_points: Sequence[str] = (),
+    *,
+    sae: SAE | None = None,
+    latent_ids: Sequence[int] = (),
+) -> list[TokenFeatures]:
+    """TokenFeatures for already tokenized records, (token ids, kept positions) each, in one forward pass
+    that stops after the deepest hook point. With `sae`, `latent_ids` are encoded at its hook point."""
+    points = [hf_hook_point(p) for p in hook_points]
+    sae_point = sae_hook_point(sae) if sae is not None else None
+    capture = list(dict.fromkeys([*points, *([sae_point] if sae_point else [])]))
+    if not capture:
+        raise DetectorError("nothing to extract: give hook_points and/or an SAE")
     # Right padding: with causal attention, real tokens never attend to the pads after them.
     device = next(model.parameters()).device
     width = max(len(ids) for ids, _ in batch)
@@ -135,20 +144,28 @@ def _run_batch(
         input_ids[i, : len(ids)] = torch.tensor(ids)
         mask[i, : len(ids)] = 1
     acts = run_to_hooks(model, capture, input_ids=input_ids.to(device), attention_mask=mask.to(device))
-    for i, (_, pos) in enumerate(batch):
-        index = torch.tensor(pos, dtype=torch.long, device=device)
-        with torch.inference_mode():
-            resid = {p: acts[p][i].index_select(0, index).float().cpu() for p in points}
-            lat = None
-            if sae is not None and sae_point is not None:
-                h = acts[sae_point][i].index_select(0, index).to(sae.W_enc.device)
-                lat = sae.encode_watched(h, latent_ids).float().cpu()
-        # Clone outside inference mode so callers get ordinary tensors.
-        yield TokenFeatures(
-            resid={k: v.clone() for k, v in resid.items()},
-            latents=None if lat is None else lat.clone(),
+    # Every kept token of every record gathered at once: one copy to the host per hook point and one SAE
+    # encode per batch, not one per record (on a GPU the per-record syncs cost more than the forward pass).
+    lengths = [len(pos) for _, pos in batch]
+    rows = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(lengths)).to(device)  # (ΣT,)
+    cols = torch.tensor([p for _, pos in batch for p in pos], dtype=torch.long, device=device)  # (ΣT,)
+    with torch.inference_mode():
+        resid = {p: acts[p][rows, cols].float().cpu() for p in points}  # each (ΣT, d_in)
+        lat = None
+        if sae is not None and sae_point is not None:
+            h = acts[sae_point][rows, cols].to(sae.W_enc.device)  # (ΣT, d_in)
+            lat = sae.encode_watched(h, list(latent_ids)).float().cpu()  # (ΣT, n_watched)
+    split = {p: torch.split(v, lengths) for p, v in resid.items()}
+    lat_split = torch.split(lat, lengths) if lat is not None else None
+    # Clone outside inference mode so callers get ordinary tensors.
+    return [
+        TokenFeatures(
+            resid={p: split[p][i].clone() for p in points},
+            latents=None if lat_split is None else lat_split[i].clone(),
             latent_ids=list(latent_ids) if sae is not None else [],
         )
+        for i in range(len(batch))
+    ]
 
 
 # ---- pooling ----------------------------------------------------------------------------------------------

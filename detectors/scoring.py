@@ -26,7 +26,7 @@ from typing import Any
 from detectors.aggregate import aggregate, stream_peak
 from detectors.base import Detector, TokenFeatures, fires
 from detectors.errors import DetectorError
-from detectors.extract import iter_token_features, scope_span, scoped_positions
+from detectors.extract import batch_token_features, kept_positions, scope_span
 from sae_assets.sae import SAE
 from sae_assets.text import RecordError
 
@@ -110,19 +110,21 @@ class Scorer:
 
     # ---- preparation ----
     def _prepare(self, rec: dict[str, Any]) -> _Prepared:
-        ids, positions = scoped_positions(self.tokenizer, rec, "both")
+        msgs = rec.get("messages")
+        kind = "text"
+        if isinstance(msgs, list) and msgs:
+            kind = "completion" if msgs[-1].get("role") == "assistant" else "prompt"
+        # One rendering per record: the completion span also gives "both" (= ids[:stop]).
+        ids, start, stop = scope_span(self.tokenizer, rec, "completion" if kind == "completion" else "both")
+        if kind != "completion":
+            start = 0
         if not ids:
             raise DetectorError("record renders to no tokens")
         if self.max_tokens is not None and len(ids) > self.max_tokens:
             raise DetectorError(f"record renders to {len(ids)} tokens, more than the limit {self.max_tokens}")
-        msgs = rec.get("messages")
-        if isinstance(msgs, list) and msgs:
-            if msgs[-1].get("role") == "assistant":
-                start = scope_span(self.tokenizer, rec, "completion")[1]
-                n_prompt = sum(1 for p in positions if p < start)
-                return _Prepared(rec["id"], rec, ids, positions, n_prompt, "completion")
-            return _Prepared(rec["id"], rec, ids, positions, 0, "prompt")
-        return _Prepared(rec["id"], rec, ids, positions, 0, "text")
+        positions = kept_positions(self.tokenizer, ids, 0, stop)
+        n_prompt = sum(1 for p in positions if p < start)
+        return _Prepared(rec["id"], rec, ids, positions, n_prompt, kind)
 
     def _token(self, i: int) -> str:
         if i not in self._names:
@@ -184,15 +186,12 @@ class Scorer:
         }
 
     def _run(self, batch: list[_Prepared]) -> list[dict[str, Any]]:
-        feats = iter_token_features(
+        feats = batch_token_features(  # one forward pass for the whole batch, ids rendered once in _prepare
             self.model,
-            self.tokenizer,
-            [p.record for p in batch],
+            [(p.ids, p.positions) for p in batch],
             self.points,
-            scope="both",
             sae=self.sae,
             latent_ids=self.latent_ids,
-            batch_size=len(batch),  # one forward pass for the whole batch
         )
         return [self._result(p, f) for p, f in zip(batch, feats, strict=True)]
 
