@@ -18,6 +18,7 @@ assistant turn only, which is what the detectors score.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -386,8 +387,9 @@ def public_train_records(
     suites use, so no record here is ever in a test suite. Suites sharing a dataset (e.g. the two
     scam_emails slices share their ham) can pick the same record; it is kept once (first suite wins).
     `suite` is that first suite, `suites` every suite that drew the record (seed records have neither,
-    so per-suite figures can count shared negatives in each suite). Missing files raise
-    DatasetError: training on fewer suites than asked would be silent drift."""
+    so per-suite figures can count shared negatives in each suite). A suite's `max_n` caps its test
+    records only: asking for more training records than that gets them (up to the train split's size).
+    Missing files raise DatasetError: training on fewer suites than asked would be silent drift."""
     if n_per_suite <= 0:
         return []
     chosen = (suites if suites is not None else EVAL_SUITES).get(concept, [])
@@ -395,7 +397,8 @@ def public_train_records(
         chosen = [s for s in chosen if s.name in only]
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for suite in chosen:
-        for rec in suite.load(max_n=n_per_suite, chat=chat, split="train"):
+        uncapped = dataclasses.replace(suite, max_n=n_per_suite)
+        for rec in uncapped.load(max_n=n_per_suite, chat=chat, split="train"):
             kept = out.setdefault((suite.dataset, str(rec.get("id"))), {**rec, "suites": []})
             kept["suites"].append(suite.name)
     return list(out.values())

@@ -100,6 +100,14 @@ def test_public_train_keeps_pairs_whole_balanced_and_deterministic(shared: Path)
     assert {r["suite"] for r in small} == {"sms-spam"} and sum(r["label"] for r in small) == 4
 
 
+def test_public_train_is_not_capped_by_the_test_suite_size(shared: Path) -> None:
+    # The suite cap (max_n) sizes the eval's test records; `--public-train N` asks for N training records.
+    suites = {"toy": [EvalSuite("pairs", "toy_pairs", {}, 4, "Write a message.")]}
+    assert len(suites["toy"][0].load(max_n=100)) == 4
+    train = public_train_records("toy", 16, suites=suites)
+    assert len(train) == 16 and sum(r["label"] for r in train) == 8
+
+
 def test_training_data_round_trips_and_defaults_to_seed_only(shared: Path) -> None:
     data = TrainingData(
         public_per_suite=6, public_suites=("sms-spam",), max_tokens=64, extra_files=("x.jsonl",)
