@@ -12,6 +12,12 @@ Definitions (T tokens s_1..s_T; every aggregation of an empty sequence is 0.0):
 - last_mean(k):      mean of the last min(k, T) scores (math.fsum): the end of a statement, where a
                      truth probe reads best (Marks & Tegmark's end-of-statement tokens); mid-stream it is
                      the mean of the k most recent tokens, so it can fall as well as rise
+- mix(k, alpha):      σ(alpha · mean_t z_t + (1 − alpha) · mean of the last min(k, T) z_t), z_t = logit(s_t):
+                     a probe fitted on the convex pool alpha·mean + (1 − alpha)·last-k-mean of the residuals
+                     (detectors.build pool "mix:K:A") is served exactly, since its logit is affine in its
+                     input. A truth probe needs both: TruthfulQA's answers read best over their mean,
+                     cities' statements at their last tokens (docs/benchmarks.md, [3/7], session 15).
+                     Mid-stream its last-k part is the newest tokens', as for last_mean
 - ema(window):       e_0 = 0, e_t = α·s_t + (1−α)·e_{t−1} with α = 2/(window+1); returns max_t e_t.
                      Starting from 0 (not s_1) makes a one-token spike count the same anywhere in the text.
 - count_over(thr):   the NUMBER of tokens with s_t ≥ thr (a count, not a fraction, so it never shrinks as
@@ -31,18 +37,21 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-AggKind = Literal["max", "mean", "topk_mean", "last_mean", "ema", "count_over", "sustained"]
+AggKind = Literal["max", "mean", "topk_mean", "last_mean", "mix", "ema", "count_over", "sustained"]
 # Parameters each kind needs; every other parameter must be left out.
 PARAMS: dict[str, tuple[str, ...]] = {
     "max": (),
     "mean": (),
     "topk_mean": ("k",),
     "last_mean": ("k",),
+    "mix": ("k", "alpha"),
     "ema": ("window",),
     "count_over": ("threshold",),
     "sustained": ("threshold", "n"),
 }
-_ALL_PARAMS = ("k", "window", "threshold", "n")
+_ALL_PARAMS = ("k", "alpha", "window", "threshold", "n")
+# mix works on logits: scores are clipped to [_EPS, 1 − _EPS] first, so a saturated 0 or 1 stays finite.
+_EPS = 1e-12
 
 Scores = torch.Tensor | Sequence[float]
 
@@ -54,6 +63,7 @@ class Aggregation(BaseModel):
 
     kind: AggKind = "max"
     k: int | None = Field(default=None, ge=1)
+    alpha: float | None = Field(default=None, gt=0.0, lt=1.0)
     window: int | None = Field(default=None, ge=1)
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     n: int | None = Field(default=None, ge=1)
@@ -115,6 +125,25 @@ def last_mean(scores: Scores, k: int) -> float:
     return math.fsum(v) / len(v) if v else 0.0
 
 
+def _logit(s: float) -> float:
+    s = min(max(s, _EPS), 1.0 - _EPS)
+    return math.log(s / (1.0 - s))
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+def _mix_value(z_sum: float, n: int, z_last: Iterable[float], alpha: float) -> float:
+    last = list(z_last)
+    return _sigmoid(alpha * (z_sum / n) + (1.0 - alpha) * (math.fsum(last) / len(last)))
+
+
+def mix(scores: Scores, k: int, alpha: float) -> float:
+    z = [_logit(s) for s in _values(scores)]
+    return _mix_value(_seq_sum(z), len(z), z[-k:], alpha) if z else 0.0
+
+
 def ema(scores: Scores, window: int) -> float:
     alpha = 2.0 / (window + 1)
     e, best = 0.0, 0.0
@@ -148,6 +177,9 @@ def aggregate(scores: Scores, agg: Aggregation) -> float:
     if agg.kind == "last_mean":
         assert agg.k is not None
         return last_mean(scores, agg.k)
+    if agg.kind == "mix":
+        assert agg.k is not None and agg.alpha is not None
+        return mix(scores, agg.k, agg.alpha)
     if agg.kind == "ema":
         assert agg.window is not None
         return ema(scores, agg.window)
@@ -181,12 +213,12 @@ class RunningAggregate:
     def reset(self) -> None:
         self.n_tokens = 0
         self._best = 0.0  # max / ema / sustained: best value so far
-        self._sum = 0.0  # mean
+        self._sum = 0.0  # mean (mix: of the logits)
         self._ema = 0.0
         self._count = 0
         self._heap: list[float] = []  # topk_mean: min-heap of the k largest scores
         self._window: deque[tuple[int, float]] = deque()  # sustained: candidates for the window min
-        self._last: deque[float] = deque(maxlen=self.agg.k or 1)  # last_mean: the k most recent scores
+        self._last: deque[float] = deque(maxlen=self.agg.k or 1)  # last_mean / mix: the k most recent
 
     @property
     def value(self) -> float:
@@ -199,6 +231,9 @@ class RunningAggregate:
             return math.fsum(self._heap) / len(self._heap)
         if kind == "last_mean":
             return math.fsum(self._last) / len(self._last)
+        if kind == "mix":
+            assert self.agg.alpha is not None
+            return _mix_value(self._sum, self.n_tokens, self._last, self.agg.alpha)
         if kind == "count_over":
             return float(self._count)
         if kind == "sustained":
@@ -237,6 +272,11 @@ class RunningAggregate:
 
     def _update_last_mean(self, s: float, first: bool) -> None:
         self._last.append(s)
+
+    def _update_mix(self, s: float, first: bool) -> None:
+        z = _logit(s)
+        self._sum += z
+        self._last.append(z)
 
     def _update_ema(self, s: float, first: bool) -> None:
         assert self.agg.window is not None

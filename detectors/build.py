@@ -60,8 +60,8 @@ Labels = Callable[[int], str]
 @dataclass(frozen=True)
 class Variant:
     kind: str
-    pool: str  # "mean" / "max" / "last:K": one pooled row per record; "token": one row per completion token
-    agg: str  # "mean", "max", "topk_mean:K" or "last_mean:K"
+    pool: str  # "mean" / "max" / "last:K" / "mix:K:A": one pooled row per record; "token": one per token
+    agg: str  # "mean", "max", "topk_mean:K", "last_mean:K" or "mix:K:A"
     C: float = 1.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -69,9 +69,12 @@ class Variant:
 
 
 def parse_agg(agg: str) -> Aggregation:
-    """A variant's aggregation name as an Aggregation ("topk_mean:8" → top-8 mean, "last_mean:2")."""
-    kind, _, k = agg.partition(":")
-    return Aggregation.model_validate({"kind": kind, "k": int(k)} if k else kind)
+    """A variant's aggregation name as an Aggregation ("topk_mean:8" → top-8 mean, "last_mean:2",
+    "mix:2:0.5")."""
+    kind, *params = agg.split(":")
+    if kind == "mix":
+        return Aggregation(kind="mix", k=int(params[0]), alpha=float(params[1]))
+    return Aggregation.model_validate({"kind": kind, "k": int(params[0])} if params else kind)
 
 
 # C = 0.001 was added when public training data came in: with ~1,000 records of 576–1,152 features the
@@ -96,7 +99,7 @@ LATENT_VARIANTS = [Variant("probe", "latents", a, c) for a in ("mean", "max") fo
 # frequent first, at most LATENT_INPUTS_MAX (the SAE has 9,216; most fire rarely and only add noise).
 LATENT_MIN_SHARE = 0.01
 LATENT_INPUTS_MAX = 2048
-POOLS = ("mean", "max", "token", "last:K", "latents")
+POOLS = ("mean", "max", "token", "last:K", "mix:K:A", "latents")
 
 
 def last_pool_k(pool: str) -> int | None:
@@ -105,8 +108,26 @@ def last_pool_k(pool: str) -> int | None:
     return int(k) if name == "last" and k.isdigit() and int(k) >= 1 else None
 
 
+def mix_pool(pool: str) -> tuple[int, float] | None:
+    """(K, A) of a "mix:K:A" pool, A·mean + (1 − A)·(mean of the last K tokens) with 0 < A < 1, else None.
+    Served as the `mix` aggregation, which reproduces it exactly (detectors.aggregate)."""
+    name, _, rest = pool.partition(":")
+    k, _, a = rest.partition(":")
+    if name != "mix" or not k.isdigit() or int(k) < 1:
+        return None
+    try:
+        alpha = float(a)
+    except ValueError:
+        return None
+    return (int(k), alpha) if 0.0 < alpha < 1.0 else None
+
+
 def valid_pool(pool: str) -> bool:
-    return pool in ("mean", "max", "token", "latents") or last_pool_k(pool) is not None
+    return (
+        pool in ("mean", "max", "token", "latents")
+        or last_pool_k(pool) is not None
+        or mix_pool(pool) is not None
+    )
 
 
 def last_variants(pool: str) -> list[Variant]:
@@ -114,6 +135,12 @@ def last_variants(pool: str) -> list[Variant]:
     as the mean of the last K token scores, or as the max over tokens (for answers of several sentences)."""
     k = last_pool_k(pool)
     return [Variant("probe", pool, a, c) for a in (f"last_mean:{k}", "max") for c in (0.001, 0.01, 0.1)]
+
+
+def mix_variants(pool: str) -> list[Variant]:
+    """A "mix:K:A" fit (TruthfulQA reads best over the mean, cities at the end: both in one probe) is served
+    only as the `mix` aggregation with the same K and A: any other would not be the fitted function."""
+    return [Variant("probe", pool, f"mix:{pool.partition(':')[2]}", c) for c in (0.001, 0.01, 0.1)]
 
 
 @dataclass(frozen=True)
@@ -259,6 +286,12 @@ class ActivationCache:
 def pooled_table(corpus: Corpus, what: str, pool: str, point: str, sae: SAE | None = None) -> Tensor:
     """(N, D) pooled residuals at `point` (what="resid") or all SAE latents (what="latents"), cached."""
     key = (what, point)
+    mixed = mix_pool(pool)
+    if mixed is not None and (*key, pool) not in corpus.pooled:
+        k, alpha = mixed
+        whole = pooled_table(corpus, what, "mean", point, sae)  # (N, D)
+        end = pooled_table(corpus, what, f"last:{k}", point, sae)  # (N, D)
+        corpus.pooled[(*key, pool)] = alpha * whole + (1.0 - alpha) * end  # (N, D)
     k_last = last_pool_k(pool)
     if k_last is not None and (*key, pool) not in corpus.pooled:
         last = [_last_rows(f, what, point, k_last, sae) for f in corpus.feats]
@@ -565,6 +598,7 @@ def build_concept_detectors(
     variants += [v for v in TOKEN_VARIANTS if "token" in pools]
     variants += [v for v in LATENT_VARIANTS if "latents" in pools]
     variants += [v for p in pools if last_pool_k(p) is not None for v in last_variants(p)]
+    variants += [v for p in pools if mix_pool(p) is not None for v in mix_variants(p)]
     test_sources = [_sources(r)[0] for r in test_records]
 
     def held_out(det: Detector, thr: float, op_thr: dict[str, float]) -> dict[str, Any]:

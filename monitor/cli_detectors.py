@@ -215,6 +215,7 @@ def train_cmd(
         typer.Option(
             "--pools",
             help="Probe training units: mean, max (pooled per record), last:K (mean of the last K tokens), "
+            "mix:K:A (A·mean + (1−A)·last:K, served as the mix aggregation), "
             "token (each completion token a row), latents (a probe on mean-pooled SAE latents).",
         ),
     ] = "mean,max",

@@ -106,7 +106,7 @@ class Rule(BaseModel):
     # the first token or two is noise. The server holds back min_tokens-1 tokens for block rules.
     min_tokens: int = Field(default=0, ge=0)
     # Judged only once the message has ended, on the whole message: for aggregations that read the end
-    # of a statement (last_mean), whose mid-stream value is the newest tokens'. log / flag only: a block
+    # of a statement (last_mean, mix), whose mid-stream value is the newest tokens'. log / flag only: a block
     # or steer decided after the message has ended would come too late to act.
     final_only: bool = False
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -15,6 +17,7 @@ from detectors.aggregate import (
     count_over,
     ema,
     last_mean,
+    mix,
     stream_peak,
     sustained,
     topk_mean,
@@ -28,6 +31,8 @@ ALL_KINDS = [
     Aggregation(kind="topk_mean", k=3),
     Aggregation(kind="last_mean", k=1),
     Aggregation(kind="last_mean", k=2),
+    Aggregation(kind="mix", k=1, alpha=0.5),
+    Aggregation(kind="mix", k=3, alpha=0.25),
     Aggregation(kind="ema", window=1),
     Aggregation(kind="ema", window=4),
     Aggregation(kind="count_over", threshold=0.5),
@@ -86,8 +91,39 @@ def test_aggregation_params_are_validated() -> None:
     with pytest.raises(ValidationError, match="threshold"):
         Aggregation(kind="count_over", threshold=1.5)
     with pytest.raises(ValidationError, match="extra"):
-        Aggregation.model_validate({"kind": "max", "alpha": 0.1})
+        Aggregation.model_validate({"kind": "max", "beta": 0.1})
+    with pytest.raises(ValidationError, match="takes no alpha"):
+        Aggregation(kind="max", alpha=0.1)
+    with pytest.raises(ValidationError, match="needs alpha"):
+        Aggregation(kind="mix", k=2)
+    for alpha in (0.0, 1.0):  # the end points are mean / last_mean: use those
+        with pytest.raises(ValidationError, match="alpha"):
+            Aggregation(kind="mix", k=2, alpha=alpha)
     assert not Aggregation(kind="count_over", threshold=0.5).bounded
+
+
+def test_mix_by_hand_and_saturated_scores_stay_finite() -> None:
+    z = [math.log(s / (1 - s)) for s in SCORES.tolist()]
+    want = 1 / (1 + math.exp(-(0.25 * sum(z) / 5 + 0.75 * (z[-1] + z[-2]) / 2)))
+    assert mix(SCORES, 2, 0.25) == pytest.approx(want, abs=1e-12)
+    assert 0.0 < mix([1.0, 1.0], 1, 0.5) <= 1.0 and 0.0 <= mix([0.0, 0.0], 1, 0.5) < 1e-6
+
+
+def test_mix_of_token_scores_is_the_probe_on_the_mixed_pool() -> None:
+    """A probe fitted on alpha·mean + (1 − alpha)·last-k-mean of a record's rows (build pool "mix:K:A")
+    gives, on that record, exactly the mix aggregation of its per-token scores: the logit is affine."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 4, generator=gen, dtype=torch.float64)  # (T, D) one record's residual rows
+    w, b = torch.randn(4, generator=gen, dtype=torch.float64), 0.3
+    mu, sd = torch.randn(4, generator=gen, dtype=torch.float64), torch.rand(4, generator=gen) + 0.5
+
+    def logit(rows: torch.Tensor) -> torch.Tensor:
+        return ((rows - mu) / sd) @ w + b
+
+    for k, alpha in ((1, 0.5), (2, 0.5), (3, 0.8), (20, 0.1)):
+        pooled = alpha * x.mean(0) + (1 - alpha) * x[-k:].mean(0)
+        want = float(torch.sigmoid(logit(pooled[None]))[0])
+        assert mix(torch.sigmoid(logit(x)), k, alpha) == pytest.approx(want, abs=1e-9)
 
 
 def test_scores_must_be_1d() -> None:

@@ -13,6 +13,7 @@ from sae_testing import tiny_sae
 from typer.testing import CliRunner
 
 import detectors.build as build
+from detectors.aggregate import Aggregation, aggregate
 from detectors.base import TokenFeatures
 from detectors.build import (
     Corpus,
@@ -22,7 +23,9 @@ from detectors.build import (
     parse_agg,
     token_table,
 )
-from detectors.registry import load_detectors
+from detectors.extract import iter_token_features
+from detectors.probe import ProbeDetector
+from detectors.registry import load_detector, load_detectors
 from detectors.spec import load_spec
 from monitor.cli import app
 from sae_assets.sae import SAE
@@ -192,6 +195,37 @@ def test_last_pool_fits_the_end_of_each_completion(
     agg = result.specs["toy_probe"].aggregation
     assert (agg.kind, agg.k) in (("last_mean", 2), ("max", None))
     assert ev["auroc_test"] > 0.8
+
+
+def test_mix_pool_fits_mean_and_end_together_and_serves_it_exactly(
+    toy: tuple[Path, SAE, list[Any], list[Any], list[Any]], tiny_lm: Any
+) -> None:
+    """pool "mix:K:A" trains on A·mean + (1 − A)·mean of the last K tokens and is served as the mix
+    aggregation with the same K and A, whose value on a record is the fitted probe's on its mixed pool."""
+    feats = [TokenFeatures(resid={"model.layers.2": torch.arange(12.0).reshape(6, 2)})]
+    corpus = Corpus(feats, torch.tensor([1]), ["a"], {})
+    # mean (5, 6), last two (9, 10): 0.25·mean + 0.75·last
+    assert build.pooled_table(corpus, "resid", "mix:2:0.25", "model.layers.2").tolist() == [[8.0, 9.0]]
+    assert build.mix_pool("mix:2:0.25") == (2, 0.25)
+    for bad in ("mix:0:0.5", "mix:2:1.5", "mix:2:0", "mix:2", "mix:x:0.5", "mix:2:abc"):
+        assert not build.valid_pool(bad), bad
+    assert build.parse_agg("mix:2:0.25") == Aggregation(kind="mix", k=2, alpha=0.25)
+    result = _build_pooled(toy, tiny_lm, "mix", "mix:2:0.5")
+    spec = result.specs["toy_probe"]
+    assert set(spec.eval["variants_auroc_oof"]) == {
+        f"pool=mix:2:0.5,agg=mix:2:0.5,C={c}" for c in (0.001, 0.01, 0.1)
+    }
+    assert (spec.aggregation.kind, spec.aggregation.k, spec.aggregation.alpha) == ("mix", 2, 0.5)
+    assert spec.eval["auroc_test"] > 0.8
+    # The written detector reproduces the fit on the mixed pool of a record it scores.
+    _, sae, _, _, test = toy
+    det = load_detector("toy_probe", toy[0] / "mix", sae, model=tiny_lm.model)
+    f = next(iter_token_features(tiny_lm.model, tiny_lm.tokenizer, test[:1], ["model.layers.2"]))
+    x = f.resid_at("model.layers.2").float()
+    pooled = 0.5 * x.mean(0) + 0.5 * x[-2:].mean(0)
+    assert isinstance(det, ProbeDetector)
+    want = float(torch.sigmoid(det.fit.logits(pooled[None]))[0])
+    assert aggregate(det.score_tokens(f), spec.aggregation) == pytest.approx(want, abs=1e-5)
 
 
 def test_active_latents_keeps_frequent_ones_most_frequent_first(monkeypatch: pytest.MonkeyPatch) -> None:
