@@ -86,7 +86,11 @@ def test_batched_extraction_matches_single_records(tiny_lm: Any) -> None:
         assert s.latents is not None and torch.allclose(b.latent_columns([2, 5]), s.latents, atol=1e-5)
     # The completion of the chat record, read directly.
     ids, pos = scoped_positions(tok, CHAT, "completion")
-    direct = run_to_hooks(model, points, input_ids=torch.tensor([ids]))["model.layers.1"][0, pos]
+    device = next(model.parameters()).device  # cuda under FEATUREWATCH_TEST_DEVICE=cuda
+    direct = run_to_hooks(model, points, input_ids=torch.tensor([ids], device=device))["model.layers.1"][
+        0, pos
+    ]
+    direct = direct.float().cpu()
     assert torch.allclose(batched[0].resid["model.layers.1"], direct, atol=1e-5)
     assert pooled_resid(batched, points).shape == (3, 32)
     assert pooled_latents(batched).shape == (3, 8)
