@@ -66,8 +66,8 @@ def test_shipped_scam_detector_fires_on_a_clear_chat_scam(real_lm: Any) -> None:
 
 
 # True / false twins written here in the cities template the falsehood probe was trained on (it reads the
-# end of the statement: docs/benchmarks.md, [3/7], ~0.91 AUROC on held-out cities). Not every pair need
-# rank right at that AUROC, so the test asks for most of them and a clear mean gap.
+# answer's mean and its last two tokens: docs/benchmarks.md, [3/7], ~0.89 AUROC on held-out cities). Not
+# every pair need rank right at that AUROC, so the test asks for most of them and a clear mean gap.
 TWINS = [
     ("Paris", "France", "Japan"),
     ("Toronto", "Canada", "Egypt"),
