@@ -22,16 +22,15 @@ from typing import Any
 import torch
 
 
-def _score(args: argparse.Namespace, dtype: str, recs: list[dict[str, Any]]) -> tuple[list[dict], dict]:
+def _score(args: argparse.Namespace, lm: Any, recs: list[dict[str, Any]]) -> tuple[list[dict], dict]:
     from tqdm import tqdm
 
     from detectors.registry import load_detector
     from detectors.scoring import Scorer
-    from monitor.model import load_model
     from sae_assets.registry import DEFAULT_SAE, resolve_sae_path
     from sae_assets.sae import SAE
 
-    lm = load_model(args.model, device=args.device, dtype=dtype)
+    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     sae = SAE.load(resolve_sae_path(DEFAULT_SAE)).to(lm.device)
     folder = Path(args.detectors).expanduser()
     dets = {c: load_detector(c, folder, sae, model=lm.model) for c in args.concepts.split(",")}
@@ -76,10 +75,11 @@ def main() -> None:
     for c in concepts:
         recs += [{**r, "origin": c} for r in load_seed(c, "test")]
     recs += [{**r, "label": 0, "origin": "hardneg"} for r in read_records(args.hardneg.expanduser())]
-    tok = load_model(args.model, device="cpu").tokenizer
-    recs = truncate_records(recs, tok, args.max_tokens)
-    ref, dets = _score(args, args.reference, recs)
-    low, _ = _score(args, args.dtype, recs)
+    ref_lm = load_model(args.model, device=args.device, dtype=args.reference)
+    recs = truncate_records(recs, ref_lm.tokenizer, args.max_tokens)
+    ref, dets = _score(args, ref_lm, recs)
+    del ref_lm  # one model in memory at a time
+    low, _ = _score(args, load_model(args.model, device=args.device, dtype=args.dtype), recs)
 
     extra: dict[str, dict[str, float]] = {}
     for p in args.point:

@@ -397,8 +397,8 @@ def public_train_records(
         chosen = [s for s in chosen if s.name in only]
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for suite in chosen:
-        uncapped = dataclasses.replace(suite, max_n=n_per_suite)
-        for rec in uncapped.load(max_n=n_per_suite, chat=chat, split="train"):
+        uncapped = dataclasses.replace(suite, max_n=n_per_suite)  # the suite's cap sizes its test records
+        for rec in uncapped.load(chat=chat, split="train"):
             kept = out.setdefault((suite.dataset, str(rec.get("id"))), {**rec, "suites": []})
             kept["suites"].append(suite.name)
     return list(out.values())
