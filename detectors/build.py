@@ -18,9 +18,11 @@ highest running aggregate from that token on, as a mid-stream rule does) instead
 Thresholds are set for `target_fpr` on calibration negatives: the out-of-fold scores of the training
 negatives plus the final model's scores on `calib_records` (label 0 or unlabelled), or the latter only
 (`calib_only`); `operating_fprs` adds further calibrated operating points on the same negatives. The kind
-with the higher AUROC on `test_records` (out-of-fold AUROC without them) is written as `<concept>.yaml`;
-both stay as `<concept>_probe.yaml` / `<concept>_sae.yaml` (eval.variant_of = concept), with the figures in
-`eval`.
+with the higher AUROC on `test_records` (out-of-fold AUROC without them) is written as `<name>.yaml`;
+both stay as `<name>_probe.yaml` / `<name>_sae.yaml` (eval.variant_of = name), with the figures in
+`eval`. The name is the concept's unless given: a second detector family for the same concept (e.g.
+`scam_message`, trained on standalone messages rather than chat) records its concept as eval.concept, so
+that evaluation reads that concept's seed data and public suites.
 """
 
 from __future__ import annotations
@@ -171,6 +173,7 @@ class Corpus:
 
 @dataclass
 class BuildResult:
+    name: str  # the detector family (file names); the concept's own name unless given
     concept: str
     selected: str
     specs: dict[str, BaseSpec]
@@ -544,6 +547,7 @@ def build_concept_detectors(
     operating_fprs: Sequence[float] = (),
     stream_from: int | None = None,
     cache_dir: str | Path | None = None,
+    name: str | None = None,
 ) -> BuildResult:
     """Fit, calibrate, compare and write both kinds for `concept` (see the module doc). `data` describes
     the training records (detectors.datasets.TrainingData.as_dict) and is stored as eval.train.data, so
@@ -553,7 +557,9 @@ def build_concept_detectors(
     token-level fit reads. `select_by`: one of SELECT_BY (see the module doc).
     `calib_only`: thresholds from `calib_records` alone. `operating_fprs`: extra operating points.
     `stream_from`: calibrate on each negative's highest running value from that token on (the peak a
-    mid-stream rule with `min_tokens: stream_from` sees) instead of its final value."""
+    mid-stream rule with `min_tokens: stream_from` sees) instead of its final value. `name`: the detector
+    family written (default: the concept)."""
+    family = name or concept
     unknown = [p for p in pools if not valid_pool(p)]
     if unknown or not pools:
         raise DetectorError(f"pools {list(pools)}: each must be one of {', '.join(POOLS)}")
@@ -641,7 +647,7 @@ def build_concept_detectors(
     tried: dict[Variant, Tensor] = {}  # out-of-fold final values per variant (AUROC)
     peaks: dict[Variant, Tensor] = {}  # their stream peaks (stream_from): selection and thresholds
     for kind, suffix in SUFFIX.items():
-        name = f"{concept}{suffix}"
+        name = f"{family}{suffix}"
         tried.clear()
         peaks.clear()
         sel: dict[Variant, float] = {}
@@ -666,7 +672,8 @@ def build_concept_detectors(
             raise DetectorError(f"{name}: too many calibration negatives score 1.0 to reach FPR {target_fpr}")
         op_thr = {str(float(f)): threshold_for_fpr(negs, f) for f in operating_fprs}
         ev: dict[str, Any] = {
-            "variant_of": concept,
+            "variant_of": family,
+            "concept": concept,
             "auroc_oof": _r(oof_auc[best]),
             "train": {
                 "n_pos": n_pos,
@@ -721,7 +728,8 @@ def build_concept_detectors(
             "operating_points": op_thr,
             "eval": ev,
         }
-        body["description"] = f"{concept}: {kind} detector built by featurewatch detectors train"
+        about = concept if family == concept else f"{family} (concept {concept})"
+        body["description"] = f"{about}: {kind} detector built by featurewatch detectors train"
         specs[name] = type(det.spec).model_validate(body)
         if fit is not None:
             ids = det.latent_ids()  # a latent probe's inputs; [] for a residual probe
@@ -736,12 +744,12 @@ def build_concept_detectors(
     # Ties go to sae_features: same quality, but interpretable and able to steer.
     selected = max(("probe", "sae_features"), key=lambda k: (figures[k][key], k == "sae_features"))
     summary = {k: {m: figures[k].get(m) for m in ("auroc_oof", "auroc_test")} for k in SUFFIX}
-    primary = specs[f"{concept}{SUFFIX[selected]}"]
+    primary = specs[f"{family}{SUFFIX[selected]}"]
     ev = {k: v for k, v in primary.eval.items() if k != "variant_of"}
     ev.update(selected=selected, selected_by=key, kinds=summary)
-    specs[concept] = type(primary).model_validate({**primary.model_dump(), "name": concept, "eval": ev})
-    paths = [dump_spec(spec, out / f"{name}.yaml") for name, spec in specs.items()]
-    return BuildResult(concept, selected, specs, paths)
+    specs[family] = type(primary).model_validate({**primary.model_dump(), "name": family, "eval": ev})
+    paths = [dump_spec(spec, out / f"{n}.yaml") for n, spec in specs.items()]
+    return BuildResult(family, concept, selected, specs, paths)
 
 
 def _figures(m: dict[str, float]) -> dict[str, float | int]:

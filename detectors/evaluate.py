@@ -13,6 +13,8 @@ as the detectors: the shipped spec's eval.train.data (detectors.datasets.Trainin
 and/or N public train records per suite, cut to the same max_tokens) is rebuilt here; a spec without it was
 trained on the seed train split alone. Its threshold is calibrated like the detectors' (target FPR on
 out-of-fold training negatives).
+A second detector family of a concept (e.g. scam_message: `detectors train --name`) is evaluated by its
+own name on its concept's suites (eval.concept in its spec).
 """
 
 from __future__ import annotations
@@ -183,10 +185,11 @@ def evaluate_detectors(
     `extra_negatives` {name: records}: for each, a suite `seed-test+<name>` of the seed test split plus
     those records as further negatives (e.g. the monitored model's own held-out answers)."""
     rows: list[EvalRow] = []
-    for concept in concepts:
-        dets, shipped = concept_detectors(detectors_dir, concept, sae, model)
+    for family in concepts:
+        dets, shipped = concept_detectors(detectors_dir, family, sae, model)
+        concept = concept_of(dets, shipped, family)
         base, data = baseline_for(concept, dets, shipped, tokenizer, seed_sae, target_fpr)
-        rows.append(_training_row(concept, data, base))
+        rows.append(_training_row(family, data, base))
         scorer = Scorer(model, tokenizer, sae, dict(dets), top_k=0)
         seed_test = load_seed(concept, "test", sae=seed_sae)
         todo: list[tuple[str, list[dict[str, Any]] | None, str]] = [
@@ -207,11 +210,19 @@ def evaluate_detectors(
             if max_tokens:
                 recs = truncate_records(recs, tokenizer, max_tokens)
             rows.extend(
-                _suite_rows(
-                    concept, name, note, recs, scorer, base, shipped, target_fpr, batch_size, progress
-                )
+                _suite_rows(family, name, note, recs, scorer, base, shipped, target_fpr, batch_size, progress)
             )
     return rows
+
+
+def concept_of(dets: dict[str, Detector], shipped: str, family: str) -> str:
+    """The labelled concept a detector family was built for (eval.concept, written by `detectors train`;
+    a second family such as scam_message names its concept there), else the family's own name."""
+    for kind in [shipped, *dets] if shipped else list(dets):
+        concept = dets[kind].spec.eval.get("concept")
+        if isinstance(concept, str) and concept:
+            return concept
+    return family
 
 
 def training_data(dets: dict[str, Detector], shipped: str) -> TrainingData:

@@ -7,6 +7,7 @@ codes: 0 ok, 1 problems found (list: invalid specs), 2 bad input (a path, name, 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -203,6 +204,15 @@ def train_cmd(
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Output folder; default <SAE>/detectors.")
     ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            help="Write the detectors as NAME.yaml, NAME_probe.yaml, NAME_sae.yaml (one --concept only): a "
+            "second detector family for a concept, e.g. scam_message trained with --no-seed on the public "
+            "message suites.",
+        ),
+    ] = None,
     test: Annotated[
         list[Path] | None,
         typer.Option(
@@ -287,6 +297,7 @@ def train_cmd(
     from detectors.datasets import DatasetError, TrainingData, load_seed, stable_hash
 
     concepts = _names(concept)
+    _check_family_name(name, concepts)
     only = _public_suites(public_suites, concepts)  # before loading the model: fail fast
     pool_list = _names(pools)
     if not pool_list or not all(valid_pool(p) for p in pool_list):
@@ -352,10 +363,27 @@ def train_cmd(
                 operating_fprs=op_fprs,
                 stream_from=stream_from,
                 cache_dir=cache,
+                name=name,
             )
         except (DatasetError, DetectorError) as e:
             raise fail(f"{c}: {e}") from e
         _print_build(result)
+
+
+def _check_family_name(name: str | None, concepts: list[str]) -> None:
+    """--name: one concept, a valid spec name, not a kind alternative's or another concept's name."""
+    if name is None:
+        return
+    from detectors.build import SUFFIX
+    from detectors.datasets import SEED_CONCEPTS
+    from detectors.spec import NAME_PATTERN
+
+    if len(concepts) != 1:
+        raise fail(f"--name: needs exactly one --concept (got {', '.join(concepts) or 'none'})")
+    if not re.fullmatch(NAME_PATTERN, name) or name.endswith(tuple(SUFFIX.values())):
+        raise fail(f"--name: {name!r} must match {NAME_PATTERN} and not end in _probe / _sae")
+    if name in SEED_CONCEPTS and name != concepts[0]:
+        raise fail(f"--name: {name!r} is another concept's detector name")
 
 
 def _fprs(raw: str | None) -> list[float]:
@@ -390,12 +418,12 @@ def _public_suites(raw: str | None, concepts: list[str]) -> list[str] | None:
 
 
 def _print_build(result: Any) -> None:
-    how = result.specs[result.concept].eval["selected_by"]
-    t = Table(title=f"{result.concept}: ships {result.selected} (chosen by {how})")
+    how = result.specs[result.name].eval["selected_by"]
+    t = Table(title=f"{result.name}: ships {result.selected} (chosen by {how})")
     for col in ("detector", "variant", "AUROC oof", "AUROC test", "threshold", "test recall", "test FPR"):
         t.add_column(col)
     for name, spec in result.specs.items():
-        if name == result.concept:
+        if name == result.name:
             continue
         ev, test = spec.eval, spec.eval.get("test") or {}
         v = ev["train"]["variant"]
@@ -522,7 +550,8 @@ def calibrate_cmd(
 @detectors_app.command("eval")
 def eval_cmd(
     concepts: Annotated[
-        str, typer.Option("--concepts", help="Comma-separated concepts.")
+        str,
+        typer.Option("--concepts", help="Comma-separated concepts or detector families (e.g. scam_message)."),
     ] = "scam,deception,bias,falsehood",
     max_per_suite: Annotated[
         int | None, typer.Option("--max-per-suite", min=2, help="Cap per suite.")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from sae_testing import tiny_sae
 
-from detectors.build import assign_folds, build_concept_detectors, shipped_detectors
+from detectors.build import BuildResult, assign_folds, build_concept_detectors, shipped_detectors
 from detectors.datasets import (
     EVAL_SUITES,
     DatasetError,
@@ -142,6 +142,29 @@ def test_folds_keep_groups_together() -> None:
 
 
 # ---- build and evaluate ---------------------------------------------------------------------------------
+def _calib() -> list[dict[str, Any]]:
+    return [{"id": f"c{i}", "text": f"{NEG[i % 3]} Calib {i}."} for i in range(10)]
+
+
+def _build_toy(
+    tiny_lm: Any, sae: SAE, seed_folder: Path, calib: list[dict[str, Any]], out: Path, **kw: Any
+) -> BuildResult:
+    """Both kinds for the toy concept at layer 2 (the seed's train split from `seed_folder`)."""
+    return build_concept_detectors(
+        tiny_lm.model,
+        tiny_lm.tokenizer,
+        sae,
+        "toy",
+        load_seed("toy", "train", sae=seed_folder),
+        calib,
+        out,
+        layers=["model.layers.2"],
+        n_latents=4,
+        target_fpr=0.05,
+        **kw,
+    )
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Any) -> tuple[Path, SAE, Any]:
     folder = tmp_path_factory.mktemp("sae")
@@ -150,20 +173,14 @@ def built(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Any) -> tuple[Path,
     recs = [_chat(i, label) for i in range(16) for label in (0, 1)]
     (folder / "concepts").mkdir()
     (folder / "concepts" / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    calib: list[dict[str, Any]] = [{"id": f"c{i}", "text": f"{NEG[i % 3]} Calib {i}."} for i in range(10)]
-    calib.append({"id": "prompt-only", "messages": [{"role": "user", "content": "Hi"}]})
-    result = build_concept_detectors(
-        tiny_lm.model,
-        tiny_lm.tokenizer,
+    calib = [*_calib(), {"id": "prompt-only", "messages": [{"role": "user", "content": "Hi"}]}]
+    result = _build_toy(
+        tiny_lm,
         sae,
-        "toy",
-        load_seed("toy", "train", sae=folder),
+        folder,
         calib,
         folder / "detectors",
         test_records=load_seed("toy", "test", sae=folder),
-        layers=["model.layers.2"],
-        n_latents=4,
-        target_fpr=0.05,
         labels=lambda i: f"latent {i}",
     )
     return folder, sae, result
@@ -223,3 +240,36 @@ def test_evaluate_rows_include_the_tfidf_baseline(
     md = render_markdown(rows)
     assert "## toy" in md and "| seed-test | 4 / 4 | tfidf |" in md and "skipped:" in md
     assert "Trained on: seed train split (12 positive / 12 negative records)." in md and "| train |" not in md
+
+
+def test_a_second_family_is_written_under_its_name_and_evaluated_on_its_concept(
+    built: tuple[Path, SAE, Any], tiny_lm: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, sae, _ = built
+    out = tmp_path / "detectors"
+    result = _build_toy(tiny_lm, sae, folder, _calib(), out, name="toy_message")
+    assert (result.name, result.concept) == ("toy_message", "toy")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "toy_message.yaml",
+        "toy_message_probe.safetensors",
+        "toy_message_probe.yaml",
+        "toy_message_sae.yaml",
+    ]
+    assert shipped_detectors(out) == ["toy_message"]
+    names = ["toy_message", "toy_message_probe", "toy_message_sae"]
+    dets = load_detectors(names, out, sae, model=tiny_lm.model)
+    assert all(d.spec.eval["concept"] == "toy" for d in dets.values())
+    assert dets["toy_message_probe"].spec.eval["variant_of"] == "toy_message"
+    assert "toy_message (concept toy)" in dets["toy_message"].spec.description
+
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "toy_public.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pairs(20)))
+    monkeypatch.setenv("FEATUREWATCH_SHARED_DIR", str(tmp_path))
+    suites = {"toy": [EvalSuite("pub", "toy_public", {}, 8, "Write a message.")]}
+    rows = evaluate_detectors(
+        tiny_lm.model, tiny_lm.tokenizer, sae, out, ["toy_message"], suites=suites, seed_sae=folder
+    )
+    # The family's own name labels the rows; its concept's seed test split and suites are what it reads.
+    assert {r.concept for r in rows} == {"toy_message"}
+    assert {r.suite for r in rows} == {"train", "seed-test", "pub"}
+    assert next(r for r in rows if r.suite == "seed-test" and r.detector == "tfidf").n_pos == 4

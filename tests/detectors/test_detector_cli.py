@@ -235,3 +235,20 @@ def test_train_then_eval_then_list(tmp_path: Path, sae_dir: Path, tiny_model_dir
     assert scored.exit_code == 0 and set(out[0]["scores"]) == {"planted", "toy"}
     bad = runner.invoke(app, ["detectors", "train", "--concept", "nope", *common])
     assert bad.exit_code == 2 and "nope" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--concept", "scam,bias", "--name", "two"], "needs exactly one --concept"),
+        (["--concept", "scam", "--name", "scam_probe"], "not end in _probe / _sae"),
+        (["--concept", "scam", "--name", "bad name"], "must match"),
+        (["--concept", "scam", "--name", "bias"], "another concept's detector name"),
+    ],
+)
+def test_train_name_is_checked_before_anything_loads(
+    sae_dir: Path, tiny_model_dir: Path, args: list[str], message: str
+) -> None:
+    common = ["--sae", str(sae_dir), "--model", str(tiny_model_dir), "--device", "cpu", "--no-progress"]
+    res = runner.invoke(app, ["detectors", "train", *args, *common])
+    assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output

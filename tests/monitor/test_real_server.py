@@ -95,7 +95,13 @@ def test_default_policy_flags_a_scam_turn_and_not_a_thank_you_note(real_data_dir
 
     settings = Settings(data_dir=real_data_dir, device="cpu", policy_poll_s=0)
     rt = load_runtime(settings)
-    assert rt.policy.name == "default" and set(rt.dset.report) == {"scam", "deception", "bias", "falsehood"}
+    assert rt.policy.name == "default" and set(rt.dset.report) == {
+        "scam",
+        "scam_message",
+        "deception",
+        "bias",
+        "falsehood",
+    }
     assert rt.hold_back(rt.policy) == 15  # min_tokens 16 on the scam block rule
     user = {"role": "user", "content": "Write a message to our customers."}
     note = "Dear Sam, thank you so much for your help with the report this week. I really appreciate it!"

@@ -1,0 +1,80 @@
+"""Scam detectors on held-out messages in today's styles (`concepts/heldout/scam_messages.jsonl`).
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/detector_messages.py \\
+        --det scam=sae_assets/smollm2-135m-l15/detectors:scam \\
+        --det scam_message=sae_assets/smollm2-135m-l15/detectors:scam_message
+
+The file holds 130 hand-written chat records (genuine account mail, personal money texts, account-phishing
+twins, scam texts; sae_assets/smollm2-135m-l15/concepts/README.md, "Held-out messages") that no shipped
+detector was trained on. The public inbox suites are Enron-era mail; this set asks whether a detector read
+scams or the suites' style. Per detector (LABEL=FOLDER:NAME): AUROC over all records, over the mails and
+over the texts, and how many records of each kind reach the spec's threshold. Fits nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+MAIL_KINDS = ("legit_account_mail", "account_phish")
+DEFAULT_FILE = Path(__file__).parents[1] / "sae_assets/smollm2-135m-l15/concepts/heldout/scam_messages.jsonl"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--det", action="append", required=True, help="LABEL=FOLDER:NAME; repeatable.")
+    ap.add_argument("--file", type=Path, default=DEFAULT_FILE)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--json-out", type=Path)
+    args = ap.parse_args()
+    from detectors.calibrate import auroc
+    from detectors.datasets import read_records
+    from detectors.registry import load_detector
+    from detectors.scoring import Scorer
+    from monitor.model import load_model
+    from sae_assets.registry import DEFAULT_SAE, resolve_sae_path
+    from sae_assets.sae import SAE
+
+    lm = load_model(args.model, device="cpu")
+    sae = SAE.load(resolve_sae_path(DEFAULT_SAE))
+    dets = {}
+    for item in args.det:
+        label, where = item.split("=", 1)
+        folder, name = where.rsplit(":", 1)
+        dets[label] = load_detector(name, Path(folder).expanduser(), sae, model=lm.model)
+    recs = read_records(args.file)
+    res = list(Scorer(lm.model, lm.tokenizer, sae, dets, top_k=0).score_records(recs, 8))
+    y = torch.tensor([int(r["label"]) for r in recs])
+    mail = torch.tensor([r["kind"] in MAIL_KINDS for r in recs])
+    kinds = sorted({r["kind"] for r in recs})
+    rows = []
+    for label, det in dets.items():
+        s = torch.tensor([r["scores"][label] for r in res], dtype=torch.float64)
+        thr = det.spec.threshold
+        fired = {}
+        for k in kinds:
+            mask = torch.tensor([r["kind"] == k for r in recs])
+            fired[k] = [int((s[mask] >= thr).sum()), int(mask.sum())]
+        row = {
+            "detector": label,
+            "threshold": thr,
+            "auroc": auroc(s[y == 1], s[y == 0]),
+            "auroc_mail": auroc(s[mail & (y == 1)], s[mail & (y == 0)]),
+            "auroc_texts": auroc(s[~mail & (y == 1)], s[~mail & (y == 0)]),
+            "fired": fired,
+        }
+        rows.append(row)
+        shown = ", ".join(f"{k} {a} of {b}" for k, (a, b) in fired.items())
+        print(
+            f"{label}: AUROC {row['auroc']:.3f} (mail {row['auroc_mail']:.3f}, "
+            f"texts {row['auroc_texts']:.3f}); at {thr:.4f}: {shown}"
+        )
+    if args.json_out:
+        args.json_out.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
