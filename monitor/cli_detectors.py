@@ -209,8 +209,7 @@ def train_cmd(
         typer.Option(
             "--name",
             help="Write the detectors as NAME.yaml, NAME_probe.yaml, NAME_sae.yaml (one --concept only): a "
-            "second detector family for a concept, e.g. scam_message trained with --no-seed on the public "
-            "message suites.",
+            "second detector family for a concept, e.g. scam_message for standalone emails and texts.",
         ),
     ] = None,
     test: Annotated[

@@ -122,9 +122,9 @@ GENUINE_MAIL = [
     "with Parcelway, tracking number PW 4410 2291 7730, and should arrive on Thursday. You can follow the "
     "parcel at www.greenthumb-shop.example.com/orders. The Green Thumb team",
 ]
-# A registration welcome that names the username and says the password is never asked for: the kind of
-# genuine account mail both scam probes rank with phishing (Enron ham's registration welcomes set the chat
-# probe's public recall; docs/benchmarks.md, [3/7], session 16).
+# A registration welcome that names the username and says the password is never asked for: genuine
+# account mail that scam_message ranks above these scams and scam just under them (Enron ham's
+# registration welcomes set the chat probe's public recall; docs/benchmarks.md, [3/7], session 16).
 WELCOME_MAIL = (
     "Welcome to Tallowmere Books! Your online account has been created. Username: ksato. You can now "
     "track orders and save your wish list at www.tallowmerebooks.example.com. We will never ask for "
