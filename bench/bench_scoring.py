@@ -2,10 +2,11 @@
 side by side with a full forward pass (all 30 blocks + LM head) over the same batches.
 
 Run: .venv/bin/python bench/bench_scoring.py [--rounds 3] [--batch-size 8] [--records 96] [--json out.json]
-     [--model NAME|FOLDER] [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16]
+     [--model NAME|FOLDER] [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16] [--without NAMES]
 
 When some shipped detectors read deeper than the SAE's layer, the detectors that read only the SAE's layer
-are timed as well ("shallow"): the price of the deeper hook point.
+are timed as well ("shallow"): the price of the deeper hook point. `--without a,b` times the shipped set
+less those detectors in the same rounds ("without"): the price of shipping them.
 
 Records: the seed test splits of every shipped concept (chat transcripts; the last assistant turn is the
 monitored completion), cycled to `--records`. "tokens" are every rendered token the model reads (prompt +
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="alias, folder or Hugging Face id")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16")
+    ap.add_argument("--without", default="", help="also time the shipped set less these (comma-separated)")
     a = ap.parse_args()
     lm = load_model(a.model, device=a.device, dtype=a.dtype)
     folder = resolve_sae_path(DEFAULT_SAE)
@@ -96,16 +98,26 @@ def main() -> None:
     sae_point = sae_hook_point(sae)
     shallow = {n: d for n, d in dets.items() if set(d.hook_points()) <= {sae_point}}
     subset = Scorer(lm.model, lm.tokenizer, sae, shallow, top_k=0) if 0 < len(shallow) < len(dets) else None
-    records = _records(names, a.records)
+    left_out = [n.strip() for n in a.without.split(",") if n.strip()]
+    unknown = [n for n in left_out if n not in dets]
+    if unknown:
+        raise SystemExit(f"--without: not shipped: {', '.join(unknown)}; shipped: {', '.join(dets)}")
+    rest = {n: d for n, d in dets.items() if n not in left_out}
+    without = Scorer(lm.model, lm.tokenizer, sae, rest, top_k=0) if left_out and rest else None
+    # Seed records of each detector's concept (a second family such as scam_message names its own).
+    concepts = list(dict.fromkeys(str(d.spec.eval.get("concept") or n) for n, d in dets.items()))
+    records = _records(concepts, a.records)
     batches = _batches(lm.tokenizer, records, a.batch_size)
     n_tok = sum(int(m.sum()) for _, m in batches)
     _time_full(lm.model, lm.tokenizer, records[: a.batch_size], a.batch_size)  # warm-up allocations
-    times: dict[str, list[float]] = {"early_exit": [], "full": [], "shallow": []}
+    times: dict[str, list[float]] = {"early_exit": [], "full": [], "shallow": [], "without": []}
     for _ in range(a.rounds):
         times["early_exit"].append(_time_scoring(scorer, records, a.batch_size))
         times["full"].append(_time_full(lm.model, lm.tokenizer, records, a.batch_size))
         if subset is not None:
             times["shallow"].append(_time_scoring(subset, records, a.batch_size))
+        if without is not None:
+            times["without"].append(_time_scoring(without, records, a.batch_size))
     med = {k: statistics.median(v) for k, v in times.items() if v}
     out: dict[str, Any] = {
         "detectors": names,
@@ -131,6 +143,13 @@ def main() -> None:
             shallow_texts_s=len(records) / med["shallow"],
             shallow_tokens_s=n_tok / med["shallow"],
             shallow_speedup=med["full"] / med["shallow"],
+        )
+    if "without" in med:
+        out.update(
+            without=left_out,
+            without_texts_s=len(records) / med["without"],
+            without_tokens_s=n_tok / med["without"],
+            cost_of_them=med["early_exit"] / med["without"],
         )
     for k, v in out.items():
         print(f"{k:18s} {v:.2f}" if isinstance(v, float) else f"{k:18s} {v}")
