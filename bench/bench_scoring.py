@@ -105,7 +105,7 @@ def main() -> None:
     rest = {n: d for n, d in dets.items() if n not in left_out}
     without = Scorer(lm.model, lm.tokenizer, sae, rest, top_k=0) if left_out and rest else None
     # Seed records of each detector's concept (a second family such as scam_message names its own).
-    concepts = list(dict.fromkeys(str(d.spec.eval.get("concept") or n) for n, d in dets.items()))
+    concepts = list(dict.fromkeys(d.spec.concept or n for n, d in dets.items()))
     records = _records(concepts, a.records)
     batches = _batches(lm.tokenizer, records, a.batch_size)
     n_tok = sum(int(m.sum()) for _, m in batches)

@@ -20,18 +20,17 @@ from pathlib import Path
 import torch
 
 MAIL_KINDS = ("legit_account_mail", "account_phish")
-DEFAULT_FILE = Path(__file__).parents[1] / "sae_assets/smollm2-135m-l15/concepts/heldout/scam_messages.jsonl"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--det", action="append", required=True, help="LABEL=FOLDER:NAME; repeatable.")
-    ap.add_argument("--file", type=Path, default=DEFAULT_FILE)
+    ap.add_argument("--file", type=Path, help="default: <shipped SAE>/concepts/heldout/scam_messages.jsonl")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
     from detectors.calibrate import auroc
-    from detectors.datasets import read_records
+    from detectors.datasets import read_records, seed_dir
     from detectors.registry import load_detector
     from detectors.scoring import Scorer
     from monitor.model import load_model
@@ -45,7 +44,7 @@ def main() -> None:
         label, where = item.split("=", 1)
         folder, name = where.rsplit(":", 1)
         dets[label] = load_detector(name, Path(folder).expanduser(), sae, model=lm.model)
-    recs = read_records(args.file)
+    recs = read_records(args.file or seed_dir() / "heldout" / "scam_messages.jsonl")
     res = list(Scorer(lm.model, lm.tokenizer, sae, dets, top_k=0).score_records(recs, 8))
     y = torch.tensor([int(r["label"]) for r in recs])
     mail = torch.tensor([r["kind"] in MAIL_KINDS for r in recs])

@@ -215,20 +215,20 @@ def evaluate_detectors(
     return rows
 
 
+def _shipped_first(dets: dict[str, Detector], shipped: str) -> list[str]:
+    return [shipped, *dets] if shipped else list(dets)
+
+
 def concept_of(dets: dict[str, Detector], shipped: str, family: str) -> str:
-    """The labelled concept a detector family was built for (eval.concept, written by `detectors train`;
-    a second family such as scam_message names its concept there), else the family's own name."""
-    for kind in [shipped, *dets] if shipped else list(dets):
-        concept = dets[kind].spec.eval.get("concept")
-        if isinstance(concept, str) and concept:
-            return concept
-    return family
+    """The labelled concept a detector family was built for (its specs' `concept`), else the family's
+    own name (specs from before it was recorded)."""
+    found = (dets[kind].spec.concept for kind in _shipped_first(dets, shipped))
+    return next((c for c in found if c), family)
 
 
 def training_data(dets: dict[str, Detector], shipped: str) -> TrainingData:
     """What the concept's detectors were trained on: the shipped spec's record (else any kind's)."""
-    order = [shipped, *dets] if shipped else list(dets)
-    for kind in order:
+    for kind in _shipped_first(dets, shipped):
         raw = (dets[kind].spec.eval.get("train") or {}).get("data")
         if raw is not None:
             return TrainingData.from_dict(raw)

@@ -46,6 +46,13 @@ class BaseSpec(BaseModel):
     target_fpr: float | None = Field(default=None, gt=0.0, lt=1.0)
     eval: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def concept(self) -> str | None:
+        """The labelled concept it was built for (eval.concept, written by `detectors train`; a second
+        family such as scam_message differs from its name), None for specs from before it was recorded."""
+        value = self.eval.get("concept")
+        return value if isinstance(value, str) and value else None
+
     @field_validator("aggregation")
     @classmethod
     def _bounded_aggregation(cls, agg: Aggregation) -> Aggregation:
