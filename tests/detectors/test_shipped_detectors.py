@@ -123,8 +123,8 @@ GENUINE_MAIL = [
     "parcel at www.greenthumb-shop.example.com/orders. The Green Thumb team",
 ]
 # A registration welcome that names the username and says the password is never asked for: genuine
-# account mail that scam_message ranks above these scams and scam just under them (Enron ham's
-# registration welcomes set the chat probe's public recall; docs/benchmarks.md, [3/7], session 16).
+# account mail that scam_message ranked above these scams until it was trained on contrast pairs that
+# differ only in the ask (concepts/pairs/scam_pairs.jsonl; docs/benchmarks.md, [3/7], session 17).
 WELCOME_MAIL = (
     "Welcome to Tallowmere Books! Your online account has been created. Username: ksato. You can now "
     "track orders and save your wish list at www.tallowmerebooks.example.com. We will never ask for "
@@ -155,8 +155,11 @@ def test_shipped_scam_message_detector_separates_scam_mail_from_genuine_mail(rea
     assert not any(r["fired"]["scam_message"] for r in genuine), values
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation: genuine registration mail ranks with phishing")
 def test_shipped_scam_message_detector_ranks_a_registration_welcome_below_scams(real_lm: Any) -> None:
-    out = _message_scores(real_lm, [*SCAM_MAIL, WELCOME_MAIL])
-    welcome = out[-1]["scores"]["scam_message"]
-    assert all(r["scores"]["scam_message"] > welcome for r in out[:-1])
+    # Without the reassurance sentence as well: the ranking must not rest on "we will never ask".
+    plain = WELCOME_MAIL.replace(" We will never ask for your password by email.", "")
+    assert plain != WELCOME_MAIL
+    out = _message_scores(real_lm, [*SCAM_MAIL, WELCOME_MAIL, plain])
+    scams = [r["scores"]["scam_message"] for r in out[: len(SCAM_MAIL)]]
+    welcomes = [r["scores"]["scam_message"] for r in out[len(SCAM_MAIL) :]]
+    assert max(welcomes) < min(scams), (welcomes, scams)
