@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 from detectors.datasets import group_key, read_records, seed_dir
@@ -34,7 +33,7 @@ def test_every_record_has_the_seed_schema_and_a_unique_id() -> None:
 
 
 def test_contrast_pairs_hold_one_genuine_message_and_its_scam_twin() -> None:
-    recs = read_records(Path(seed_dir()) / "pairs" / "scam_pairs.jsonl")
+    recs = read_records(seed_dir() / "pairs" / "scam_pairs.jsonl")
     pairs: dict[str, list[int]] = defaultdict(list)
     for r in recs:
         # group_key is what keeps twins in one cross-validation fold.
