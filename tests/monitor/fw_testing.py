@@ -63,3 +63,14 @@ def make_settings(tiny_model_dir: Path, tiny_sae_dir: Path, policy: Path, **kw: 
         "batch_wait_ms": 20,
     }
     return Settings(**{**base, **kw})
+
+
+def redis_servers(data: Path) -> list[int]:
+    """pids of redis-server processes serving a database in `data` (redis runs in its `dir`)."""
+    import psutil
+
+    return [
+        p.pid
+        for p in psutil.process_iter(["name", "cwd"])
+        if p.info["name"] == "redis-server" and p.info["cwd"] == str(data)
+    ]

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
-from fw_testing import make_settings, policy_text, rule, running
+from fw_testing import make_settings, policy_text, redis_servers, rule, running
 from typer.testing import CliRunner
 
 from monitor.cli import app
@@ -31,15 +30,6 @@ def _keys(*args: str) -> Any:
     return runner.invoke(app, ["keys", *args])
 
 
-def _servers(data: Path) -> list[int]:
-    """pids of redis-server processes serving a database in `data` (redis runs in its `dir`)."""
-    pids = []
-    for proc in psutil.process_iter(["name", "cwd"]):
-        if proc.info["name"] == "redis-server" and proc.info["cwd"] == str(data):
-            pids.append(proc.pid)
-    return pids
-
-
 def test_create_prints_the_key_alone_on_the_last_line(tmp_path: Path) -> None:
     data = tmp_path / "data"
     res = _keys("create", "--role", "reviewer", "--tenant", "acme", "--tenant", "globex", "--name", "ana",
@@ -51,7 +41,7 @@ def test_create_prints_the_key_alone_on_the_last_line(tmp_path: Path) -> None:
         info = KeyStore(client).lookup(key)
     assert info is not None and info.role == "reviewer" and info.tenants == ("acme", "globex")
     assert info.key_id in res.stderr and info.name == "ana"
-    assert _servers(data) == []  # the command stopped the server it started
+    assert redis_servers(data) == []  # the command stopped the server it started
 
 
 @pytest.mark.parametrize(
@@ -111,7 +101,7 @@ def test_cli_uses_the_running_sidecars_server(runtime: Any, tmp_path: Path) -> N
     sidecar = create_app(settings, runtime)
     with running(sidecar) as url:
         backend = sidecar.state.audit.backend
-        assert backend.owner and _servers(data) == [backend.client().pid]
+        assert backend.owner and redis_servers(data) == [backend.client().pid]
         assert httpx.post(f"{url}/chat/completions", json=CHAT).status_code == 200  # no keys yet: open
         cli = Path(sys.executable).parent / "featurewatch"
         proc = subprocess.run(
@@ -122,7 +112,7 @@ def test_cli_uses_the_running_sidecars_server(runtime: Any, tmp_path: Path) -> N
         )
         assert proc.returncode == 0, proc.stderr
         key = proc.stdout.splitlines()[-1]
-        assert _servers(data) == [backend.client().pid]  # the CLI used the sidecar's server
+        assert redis_servers(data) == [backend.client().pid]  # the CLI used the sidecar's server
         # the sidecar learns that keys exist within its cache time (1 s), then requires one
         deadline = time.monotonic() + 2.0
         while httpx.post(f"{url}/chat/completions", json=CHAT).status_code != 401:
@@ -134,15 +124,15 @@ def test_cli_uses_the_running_sidecars_server(runtime: Any, tmp_path: Path) -> N
         assert audit.flush() and audit.get(ok.json()["id"])["tenant"] == "acme"
         # an in-process command while the sidecar runs: a guest of the same server, which it leaves running
         assert _keys("list", "--data-dir", str(data)).exit_code == 0
-        assert backend.client().ping() and _servers(data) == [backend.client().pid]
-    assert _servers(data) == []
+        assert backend.client().ping() and redis_servers(data) == [backend.client().pid]
+    assert redis_servers(data) == []
 
 
 @pytest.fixture
 def db(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "data" / "audit.rdb"
     yield path
-    assert _servers(path.parent) == []  # nothing left running
+    assert redis_servers(path.parent) == []  # nothing left running
 
 
 def test_sidecar_waits_for_a_short_cli_command_then_owns_the_server(db: Path) -> None:
@@ -154,7 +144,7 @@ def test_sidecar_waits_for_a_short_cli_command_then_owns_the_server(db: Path) ->
     try:
         assert sidecar.client().get("from-cli") == "1"
         assert sidecar.owner and time.monotonic() - t0 >= 0.4
-        assert _servers(db.parent) == [sidecar.client().pid]  # type: ignore[attr-defined]
+        assert redis_servers(db.parent) == [sidecar.client().pid]  # type: ignore[attr-defined]
     finally:
         sidecar.close()
 
@@ -168,11 +158,11 @@ def test_sidecar_joins_a_long_cli_command_and_takes_over_after_it(
     try:
         sidecar.client().set("from-sidecar", "1")  # a guest on the command's server
         assert not sidecar.owner and cli.client.get("from-sidecar") == "1"
-        assert len(_servers(db.parent)) == 1
+        assert len(redis_servers(db.parent)) == 1
         cli.close()  # the command ends and stops its server
         sidecar.recover()  # what the audit writer (and the key store) do after a failed command
         assert sidecar.client().get("from-sidecar") == "1"  # same database, now the sidecar's server
-        assert sidecar.owner and len(_servers(db.parent)) == 1
+        assert sidecar.owner and len(redis_servers(db.parent)) == 1
     finally:
         cli.close()
         sidecar.close()
@@ -184,7 +174,7 @@ def test_a_second_sidecar_on_the_same_data_dir_is_a_guest_at_once(db: Path) -> N
         first.client().set("k", "v")
         t0 = time.monotonic()
         assert second.client().get("k") == "v" and time.monotonic() - t0 < 1.0
-        assert first.owner and not second.owner and len(_servers(db.parent)) == 1
+        assert first.owner and not second.owner and len(redis_servers(db.parent)) == 1
         second.close()  # a guest leaves the server running
         assert first.client().ping()
     finally:
