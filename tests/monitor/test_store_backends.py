@@ -7,6 +7,9 @@ refused. The window lasts microseconds and cannot be provoked on purpose, so the
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +17,11 @@ import pytest
 import redis
 from fw_testing import redis_servers
 
-from monitor.store_backends import _embedded_redis_class, start_embedded, stop_embedded
+from monitor.store_backends import embedded_redis_class, start_embedded, stop_embedded
 
 
 def _refuse_first(monkeypatch: pytest.MonkeyPatch, n: int) -> list[int]:
-    cls = _embedded_redis_class()
+    cls = embedded_redis_class()
     real_ping = cls.ping
     calls = [0]
 
@@ -47,8 +50,37 @@ def test_a_server_that_never_answers_is_stopped_not_left_running(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = _refuse_first(monkeypatch, 10**6)
-    monkeypatch.setattr(_embedded_redis_class(), "start_timeout", 1)  # seconds
+    monkeypatch.setattr(embedded_redis_class(), "start_timeout", 1)  # seconds
     with pytest.raises(redis.ConnectionError, match="embedded Redis did not start"):
         start_embedded(tmp_path / "audit.rdb")
     assert calls[0] > 1
     assert redis_servers(tmp_path) == []
+
+
+def test_a_server_that_exits_during_start_up_fails_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused ping while the socket file exists means "still starting"; once the server has exited (it
+    removes its socket) the wait gives up instead of pinging until start_timeout."""
+    cls = embedded_redis_class()
+
+    def ping(self: Any, **kw: Any) -> Any:
+        if redis_servers(tmp_path):  # the first refusal: the server shuts down cleanly (SIGTERM)
+            os.kill(self.pid, signal.SIGTERM)
+            _wait_for(lambda: not os.path.exists(self.socket_file))
+        raise redis.ConnectionError("Error 111 connecting to redis.socket. Connection refused.")
+
+    monkeypatch.setattr(cls, "ping", ping)
+    monkeypatch.setattr(cls, "start_timeout", 60)  # seconds: far beyond what failing at once takes
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError, match="embedded Redis did not start"):
+        start_embedded(tmp_path / "audit.rdb")
+    assert time.monotonic() - started < 30
+    assert redis_servers(tmp_path) == []
+
+
+def _wait_for(cond: Any, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)

