@@ -6,9 +6,12 @@
 
 The file holds 130 hand-written chat records (genuine account mail, personal money texts, account-phishing
 twins, scam texts; sae_assets/smollm2-135m-l15/concepts/README.md, "Held-out messages") that no shipped
-detector was trained on. The public inbox suites are Enron-era mail; this set asks whether a detector read
-scams or the suites' style. Per detector (LABEL=FOLDER:NAME): AUROC over all records, over the mails and
-over the texts, and how many records of each kind reach the spec's threshold. Fits nothing.
+detector was trained on (and --file heldout/scam_messages_b7.jsonl, session 18's set whose requests never
+name the label). The public inbox suites are Enron-era mail; this set asks whether a detector read
+scams or the suites' style. --user replaces every request and --as-text drops it, to see how much a
+detector leans on a request that names the scam. Per detector (LABEL=FOLDER:NAME): AUROC over all
+records, over the mails and over the texts, and how many records of each kind reach the spec's
+threshold. Fits nothing.
 """
 
 from __future__ import annotations
@@ -19,18 +22,24 @@ from pathlib import Path
 
 import torch
 
-MAIL_KINDS = ("legit_account_mail", "account_phish")
+# Mail kinds of heldout/scam_messages.jsonl (session 16) and heldout/scam_messages_b7.jsonl (session 18);
+# every other kind is a text message.
+MAIL_KINDS = ("legit_account_mail", "account_phish", "legit_mail", "scam_mail")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--det", action="append", required=True, help="LABEL=FOLDER:NAME; repeatable.")
     ap.add_argument("--file", type=Path, help="default: <shipped SAE>/concepts/heldout/scam_messages.jsonl")
+    ap.add_argument(
+        "--as-text", action="store_true", help="Score each message alone, as a `text` record (no request)."
+    )
+    ap.add_argument("--user", help='Replace every user turn with this (e.g. "Show me the message.").')
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
     from detectors.calibrate import auroc
-    from detectors.datasets import read_records, seed_dir
+    from detectors.datasets import as_text, read_records, seed_dir
     from detectors.registry import load_detector
     from detectors.scoring import Scorer
     from monitor.model import load_model
@@ -45,6 +54,11 @@ def main() -> None:
         folder, name = where.rsplit(":", 1)
         dets[label] = load_detector(name, Path(folder).expanduser(), sae, model=lm.model)
     recs = read_records(args.file or seed_dir() / "heldout" / "scam_messages.jsonl")
+    if args.user is not None:  # what the detectors read when the request does not name the label
+        for r in recs:
+            r["messages"] = [{**m, "content": args.user} if m["role"] == "user" else m for m in r["messages"]]
+    if args.as_text:  # how `featurewatch score` reads a pasted message: the default prompt, no request
+        recs = [as_text(r) for r in recs]
     res = list(Scorer(lm.model, lm.tokenizer, sae, dets, top_k=0).score_records(recs, 8))
     y = torch.tensor([int(r["label"]) for r in recs])
     mail = torch.tensor([r["kind"] in MAIL_KINDS for r in recs])
@@ -61,18 +75,24 @@ def main() -> None:
             "detector": label,
             "threshold": thr,
             "auroc": auroc(s[y == 1], s[y == 0]),
-            "auroc_mail": auroc(s[mail & (y == 1)], s[mail & (y == 0)]),
-            "auroc_texts": auroc(s[~mail & (y == 1)], s[~mail & (y == 0)]),
+            "auroc_mail": _auroc_or_none(s, y, mail),
+            "auroc_texts": _auroc_or_none(s, y, ~mail),
             "fired": fired,
         }
         rows.append(row)
         shown = ", ".join(f"{k} {a} of {b}" for k, (a, b) in fired.items())
-        print(
-            f"{label}: AUROC {row['auroc']:.3f} (mail {row['auroc_mail']:.3f}, "
-            f"texts {row['auroc_texts']:.3f}); at {thr:.4f}: {shown}"
-        )
+        parts = [f"{k} {row['auroc_' + k]:.3f}" for k in ("mail", "texts") if row["auroc_" + k] is not None]
+        print(f"{label}: AUROC {row['auroc']:.3f} ({', '.join(parts)}); at {thr:.4f}: {shown}")
     if args.json_out:
         args.json_out.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _auroc_or_none(s: torch.Tensor, y: torch.Tensor, part: torch.Tensor) -> float | None:
+    """AUROC over one part of the file (mail or texts); None where it lacks a label (b9 is texts only)."""
+    from detectors.calibrate import auroc
+
+    pos, neg = s[part & (y == 1)], s[part & (y == 0)]
+    return auroc(pos, neg) if len(pos) and len(neg) else None
 
 
 if __name__ == "__main__":

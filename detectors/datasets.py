@@ -177,6 +177,16 @@ def monitored_text(rec: dict[str, Any]) -> str:
     return "\n".join(str(m.get("content", "")) for m in msgs or [])
 
 
+def as_text(rec: dict[str, Any]) -> dict[str, Any]:
+    """The record's monitored message alone, as a `text` record (id + "#text"): how a message arrives
+    without its conversation (a pasted or forwarded mail), so a message detector trained on it cannot lean
+    on a request that names the label ("Write a phishing email …")."""
+    out = {k: v for k, v in rec.items() if k != "messages"}
+    out["id"] = f"{rec.get('id')}#text"
+    out["text"] = monitored_text(rec)
+    return out
+
+
 def truncate_records(
     records: Iterable[dict[str, Any]], tokenizer: Any, max_tokens: int
 ) -> list[dict[str, Any]]:

@@ -180,10 +180,13 @@ def evaluate_detectors(
     batch_size: int = 8,
     progress: bool = False,
     extra_negatives: Mapping[str, Sequence[dict[str, Any]]] | None = None,
+    extra_suites: Mapping[str, tuple[Sequence[dict[str, Any]], str]] | None = None,
 ) -> list[EvalRow]:
     """Rows for every (concept, suite, detector kind + baseline); see the module doc.
     `extra_negatives` {name: records}: for each, a suite `seed-test+<name>` of the seed test split plus
-    those records as further negatives (e.g. the monitored model's own held-out answers)."""
+    those records as further negatives (e.g. the monitored model's own held-out answers).
+    `extra_suites` {name: (labelled records, note)}: further test suites as they are (e.g. held-out files
+    of our own), for every concept evaluated."""
     rows: list[EvalRow] = []
     for family in concepts:
         dets, shipped = concept_detectors(detectors_dir, family, sae, model)
@@ -198,6 +201,7 @@ def evaluate_detectors(
         for extra, negs in (extra_negatives or {}).items():
             more = [{**r, "label": 0} for r in negs]
             todo.append((f"seed-test+{extra}", seed_test + more, f"seed test split + {len(more)} {extra}"))
+        todo += [(name, list(recs), note) for name, (recs, note) in (extra_suites or {}).items()]
         for suite in (suites if suites is not None else EVAL_SUITES).get(concept, []):
             try:
                 todo.append((suite.name, suite.load(max_n=max_per_suite, chat=chat), suite.note))

@@ -175,6 +175,14 @@ def train_cmd(
         typer.Option("--concept", help="Concept name(s), comma-separated: scam,deception,bias,falsehood."),
     ],
     train: FilesOpt = None,
+    train_as_text: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--train-as-text",
+            help="Also train on these labelled records' monitored messages alone, as `text` records (the "
+            "conversation dropped), so the detector must read the message, not a request naming the label.",
+        ),
+    ] = None,
     calib: Annotated[
         list[Path] | None,
         typer.Option(
@@ -293,7 +301,14 @@ def train_cmd(
     reports); the spec records this so that eval trains its TF-IDF baseline on the same records.
     """
     from detectors.build import POOLS, SELECT_BY, TokenRows, valid_pool
-    from detectors.datasets import DatasetError, TrainingData, load_seed, stable_hash
+    from detectors.datasets import (
+        DatasetError,
+        TrainingData,
+        as_text,
+        load_seed,
+        monitored_text,
+        stable_hash,
+    )
 
     concepts = _names(concept)
     _check_family_name(name, concepts)
@@ -308,6 +323,16 @@ def train_cmd(
     bad = [r.get("id") for r in extra if r.get("label") not in (0, 1)]
     if bad:
         raise fail(f"--train: records need label 0 or 1; first without: {bad[0]!r}")
+    alone = [r for p in train_as_text or [] for r in _records(p, "--train-as-text")]
+    bad = [r.get("id") for r in alone if r.get("label") not in (0, 1)]
+    if bad:
+        raise fail(f"--train-as-text: records need label 0 or 1; first without: {bad[0]!r}")
+    empty = [r.get("id") for r in alone if not monitored_text(r).strip()]
+    if empty:
+        raise fail(
+            f"--train-as-text: records need a message (an assistant turn or `text`); {empty[0]!r} has none"
+        )
+    extra += [as_text(r) for r in alone]
     extra_test = [r for p in test or [] for r in _records(p, "--test")]
     bad = [r.get("id") for r in extra_test if r.get("label") not in (0, 1)]
     if bad:
@@ -331,7 +356,8 @@ def train_cmd(
             public_per_suite=public_train,
             public_suites=None if only is None else tuple(s for s in only if s in _suite_names(c)),
             max_tokens=max_tokens,
-            extra_files=tuple(p.name for p in train or []),
+            extra_files=tuple(p.name for p in train or [])
+            + tuple(f"{p.name} (as text)" for p in train_as_text or []),
         )
         try:
             train_recs = data.records(c, sae=_seed_source(folder))
@@ -565,6 +591,18 @@ def eval_cmd(
             help="Negative records (label 0): adds a suite seed-test+<file stem> (seed test split + them).",
         ),
     ] = None,
+    suite: Annotated[
+        list[Path] | None,
+        typer.Option("--suite", help="Labelled test records (e.g. a held-out file): a suite named after it."),
+    ] = None,
+    text_suite: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--text-suite",
+            help="Like --suite, each record's monitored message read alone as a `text` record (suite "
+            "<file stem>:text): how a message arrives without the request that asked for it.",
+        ),
+    ] = None,
     sae: SaeOpt = DEFAULT_SAE,
     model: ModelOpt = DEFAULT_MODEL,
     max_tokens: MaxTokOpt = 192,
@@ -582,6 +620,7 @@ def eval_cmd(
     from detectors.evaluate import evaluate_detectors, render_markdown
 
     extra = {p.stem: _records(p, "--neg-suite") for p in neg_suite or []}
+    labelled = _labelled_suites(suite or [], text_suite or [])
     folder, sae_obj, lm = _runtime(sae, model, device)
     try:
         rows = evaluate_detectors(
@@ -597,6 +636,7 @@ def eval_cmd(
             batch_size=batch_size,
             progress=progress,
             extra_negatives=extra,
+            extra_suites=labelled,
         )
     except (DatasetError, DetectorError) as e:
         raise fail(str(e)) from e
@@ -608,6 +648,26 @@ def eval_cmd(
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps([r.as_dict() for r in rows], indent=1) + "\n", encoding="utf-8")
+
+
+def _labelled_suites(
+    files: list[Path], text_files: list[Path]
+) -> dict[str, tuple[list[dict[str, Any]], str]]:
+    """--suite / --text-suite files as eval suites; every record needs label 0 or 1 and a message."""
+    from detectors.datasets import as_text, monitored_text
+
+    out: dict[str, tuple[list[dict[str, Any]], str]] = {}
+    for what, paths, alone in (("--suite", files, False), ("--text-suite", text_files, True)):
+        for path in paths:
+            recs = _records(path, what)
+            bad = [r.get("id") for r in recs if r.get("label") not in (0, 1) or not monitored_text(r).strip()]
+            if not recs or bad:
+                first = f"first bad: {bad[0]!r}" if bad else "the file is empty"
+                raise fail(f"{what}: {path} needs records with label 0 or 1 and a message; {first}")
+            name = f"{path.stem}:text" if alone else path.stem
+            note = f"{path.name}, each message read alone" if alone else path.name
+            out[name] = ([as_text(r) for r in recs] if alone else recs, note)
+    return out
 
 
 # ---- list ----------------------------------------------------------------------------------------

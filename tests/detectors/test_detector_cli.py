@@ -204,19 +204,23 @@ def test_calibrate_on_stream_peaks_keeps_that_basis(
     assert row["stream_from"] == 2 and row["aggregation_spec"] == "mean"
 
 
-def test_train_then_eval_then_list(tmp_path: Path, sae_dir: Path, tiny_model_dir: Path) -> None:
+def _toy_records(n: int = 16, prefix: str = "t") -> list[dict[str, Any]]:
     phrases = {1: "Verify your bank password at this link", 0: "The quick brown fox jumps over the lazy dog"}
     recs = []
-    for i in range(16):
+    for i in range(n):
         for label, text in phrases.items():
             msgs = [
                 {"role": "user", "content": f"Ask {i} {label}"},
                 {"role": "assistant", "content": f"{text} {i}."},
             ]
             split = "test" if i % 4 == 0 else "train"
-            recs.append({"id": f"t{label}-{i}", "label": label, "split": split, "messages": msgs})
+            recs.append({"id": f"{prefix}{label}-{i}", "label": label, "split": split, "messages": msgs})
+    return recs
+
+
+def test_train_then_eval_then_list(tmp_path: Path, sae_dir: Path, tiny_model_dir: Path) -> None:
     (sae_dir / "concepts").mkdir()
-    _write(sae_dir / "concepts" / "toy.jsonl", recs)
+    _write(sae_dir / "concepts" / "toy.jsonl", _toy_records())
     common = ["--sae", str(sae_dir), "--model", str(tiny_model_dir), "--device", "cpu", "--no-progress"]
     res = runner.invoke(
         app, ["detectors", "train", "--concept", "toy", "--layers", "model.layers.2", *common]
@@ -224,9 +228,19 @@ def test_train_then_eval_then_list(tmp_path: Path, sae_dir: Path, tiny_model_dir
     assert res.exit_code == 0, res.output
     assert "ships" in res.output and (sae_dir / "detectors" / "toy.yaml").is_file()
     report = tmp_path / "eval.md"
-    res = runner.invoke(app, ["detectors", "eval", "--concepts", "toy", "--out", str(report), *common])
+    held = _write(tmp_path / "held.jsonl", _toy_records(3, prefix="h"))  # 3 scams, 3 others
+    suites = ["--suite", str(held), "--text-suite", str(held)]
+    res = runner.invoke(
+        app, ["detectors", "eval", "--concepts", "toy", "--out", str(report), *suites, *common]
+    )
     assert res.exit_code == 0, res.output
-    assert "| seed-test | 4 / 4 | tfidf |" in report.read_text()
+    text = report.read_text()
+    assert "| seed-test | 4 / 4 | tfidf |" in text
+    assert "| held | 3 / 3 | tfidf |" in text and "| held:text | 3 / 3 | tfidf |" in text
+    assert "held.jsonl, each message read alone" in text
+    unlabelled = _write(tmp_path / "unlabelled.jsonl", [{"id": "u1", "text": "hello"}])
+    bad = runner.invoke(app, ["detectors", "eval", "--concepts", "toy", "--suite", str(unlabelled), *common])
+    assert bad.exit_code == 2 and "--suite" in bad.output and "'u1'" in bad.output
     listed = runner.invoke(app, ["detectors", "list", "--sae", str(sae_dir), "--json"])
     roles = {r["name"]: r["variant_of"] for r in json.loads(listed.output)}
     assert roles == {"planted": None, "toy": None, "toy_probe": "toy", "toy_sae": "toy"}
@@ -235,6 +249,40 @@ def test_train_then_eval_then_list(tmp_path: Path, sae_dir: Path, tiny_model_dir
     assert scored.exit_code == 0 and set(out[0]["scores"]) == {"planted", "toy"}
     bad = runner.invoke(app, ["detectors", "train", "--concept", "nope", *common])
     assert bad.exit_code == 2 and "nope" in bad.output
+
+
+def test_train_as_text_adds_the_messages_alone(tmp_path: Path, sae_dir: Path, tiny_model_dir: Path) -> None:
+    """--train-as-text trains on each record's monitored message without its conversation, alongside
+    the other records, and the spec names the file; a record without a message is refused by name."""
+    (sae_dir / "concepts").mkdir()
+    _write(sae_dir / "concepts" / "toy.jsonl", _toy_records())
+    extra = _write(tmp_path / "pairs.jsonl", _toy_records(6, prefix="p"))
+    common = ["--sae", str(sae_dir), "--model", str(tiny_model_dir), "--device", "cpu", "--no-progress"]
+    base = [
+        "detectors",
+        "train",
+        "--concept",
+        "toy",
+        "--layers",
+        "model.layers.2",
+        "--pools",
+        "mean",
+        *common,
+    ]
+
+    def spec(*args: str) -> dict[str, Any]:
+        out = tmp_path / f"out{len(args)}"
+        res = runner.invoke(app, [*base, *args, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        return dict(yaml.safe_load((out / "toy.yaml").read_text())["eval"]["train"])
+
+    plain = spec("--train", str(extra))
+    both = spec("--train", str(extra), "--train-as-text", str(extra))
+    assert (both["n_pos"], both["n_neg"]) == (plain["n_pos"] + 6, plain["n_neg"] + 6)
+    assert both["data"]["extra_files"] == ["pairs.jsonl", "pairs.jsonl (as text)"]
+    empty = _write(tmp_path / "empty.jsonl", [{"id": "e1", "label": 1, "messages": []}])
+    bad = runner.invoke(app, [*base, "--train-as-text", str(empty), "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "--train-as-text" in bad.output and "'e1'" in bad.output
 
 
 @pytest.mark.parametrize(
