@@ -21,15 +21,16 @@ SCAM_TURN = (
 
 
 # The end-to-end block cases use the shipped scam detector with this test policy. Its threshold is a
-# pipeline check, not a quality claim (measured with the mean-pooled scam probe of 2026-11-26: the scam
-# message 0.79, the store-hours message 0.18, a thank-you note 0.13; docs/benchmarks.md, [3/7]).
+# pipeline check, not a quality claim (measured with the scam probe of session 18, trained with contrast
+# pairs: the scam message 0.728, the store-hours message 0.20, a thank-you note 0.12; docs/benchmarks.md,
+# [3/7]).
 E2E_POLICY = """
 name: e2e
 rules:
   - id: scam-block
     detector: scam
     aggregation: detector
-    threshold: 0.75
+    threshold: 0.6
     min_tokens: 8
     action: block
     message: scam stopped
