@@ -58,6 +58,20 @@ def _records(path: Path, what: str) -> list[dict[str, Any]]:
         raise fail(f"{what}: {e}") from e
 
 
+def _labelled(paths: list[Path] | None, what: str, *, message: bool = False) -> list[dict[str, Any]]:
+    """The records of `what`'s files; each needs label 0 or 1 (and, with `message`, a message to read)."""
+    from detectors.datasets import monitored_text
+
+    recs = [r for p in paths or [] for r in _records(p, what)]
+    bad = [r.get("id") for r in recs if r.get("label") not in (0, 1)]
+    if bad:
+        raise fail(f"{what}: records need label 0 or 1; first without: {bad[0]!r}")
+    empty = [r.get("id") for r in recs if message and not monitored_text(r).strip()]
+    if empty:
+        raise fail(f"{what}: records need a message (an assistant turn or `text`); {empty[0]!r} has none")
+    return recs
+
+
 def _runtime(sae: str, model: str, device: str) -> tuple[Path, Any, Any]:
     folder = sae_folder(sae)
     sae_obj = load_sae(folder)
@@ -301,14 +315,7 @@ def train_cmd(
     reports); the spec records this so that eval trains its TF-IDF baseline on the same records.
     """
     from detectors.build import POOLS, SELECT_BY, TokenRows, valid_pool
-    from detectors.datasets import (
-        DatasetError,
-        TrainingData,
-        as_text,
-        load_seed,
-        monitored_text,
-        stable_hash,
-    )
+    from detectors.datasets import DatasetError, TrainingData, as_text, load_seed, stable_hash
 
     concepts = _names(concept)
     _check_family_name(name, concepts)
@@ -319,24 +326,9 @@ def train_cmd(
     if select_by not in SELECT_BY:
         raise fail(f"--select-by: {select_by!r} is not one of {', '.join(SELECT_BY)}")
     op_fprs = _fprs(operating_points)
-    extra = [r for p in train or [] for r in _records(p, "--train")]
-    bad = [r.get("id") for r in extra if r.get("label") not in (0, 1)]
-    if bad:
-        raise fail(f"--train: records need label 0 or 1; first without: {bad[0]!r}")
-    alone = [r for p in train_as_text or [] for r in _records(p, "--train-as-text")]
-    bad = [r.get("id") for r in alone if r.get("label") not in (0, 1)]
-    if bad:
-        raise fail(f"--train-as-text: records need label 0 or 1; first without: {bad[0]!r}")
-    empty = [r.get("id") for r in alone if not monitored_text(r).strip()]
-    if empty:
-        raise fail(
-            f"--train-as-text: records need a message (an assistant turn or `text`); {empty[0]!r} has none"
-        )
-    extra += [as_text(r) for r in alone]
-    extra_test = [r for p in test or [] for r in _records(p, "--test")]
-    bad = [r.get("id") for r in extra_test if r.get("label") not in (0, 1)]
-    if bad:
-        raise fail(f"--test: records need label 0 or 1; first without: {bad[0]!r}")
+    extra = _labelled(train, "--train")
+    extra += [as_text(r) for r in _labelled(train_as_text, "--train-as-text", message=True)]
+    extra_test = _labelled(test, "--test")
     if (calib_only or select_by != "auroc_oof") and not calib:
         which = "--calib-only" if calib_only else f"--select-by {select_by}"
         raise fail(f"--calib: {which} needs calibration records")
@@ -653,20 +645,22 @@ def eval_cmd(
 def _labelled_suites(
     files: list[Path], text_files: list[Path]
 ) -> dict[str, tuple[list[dict[str, Any]], str]]:
-    """--suite / --text-suite files as eval suites; every record needs label 0 or 1 and a message."""
-    from detectors.datasets import as_text, monitored_text
+    """--suite / --text-suite files as eval suites (labelled records with a message each)."""
+    from detectors.datasets import as_text
 
     out: dict[str, tuple[list[dict[str, Any]], str]] = {}
-    for what, paths, alone in (("--suite", files, False), ("--text-suite", text_files, True)):
+    for what, paths in (("--suite", files), ("--text-suite", text_files)):
         for path in paths:
-            recs = _records(path, what)
-            bad = [r.get("id") for r in recs if r.get("label") not in (0, 1) or not monitored_text(r).strip()]
-            if not recs or bad:
-                first = f"first bad: {bad[0]!r}" if bad else "the file is empty"
-                raise fail(f"{what}: {path} needs records with label 0 or 1 and a message; {first}")
-            name = f"{path.stem}:text" if alone else path.stem
-            note = f"{path.name}, each message read alone" if alone else path.name
-            out[name] = ([as_text(r) for r in recs] if alone else recs, note)
+            recs = _labelled([path], what, message=True)
+            if not recs:
+                raise fail(f"{what}: {path} holds no records")
+            if what == "--suite":
+                out[path.stem] = (recs, path.name)
+            else:
+                out[f"{path.stem}:text"] = (
+                    [as_text(r) for r in recs],
+                    f"{path.name}, each message read alone",
+                )
     return out
 
 

@@ -283,6 +283,12 @@ def test_train_as_text_adds_the_messages_alone(tmp_path: Path, sae_dir: Path, ti
     empty = _write(tmp_path / "empty.jsonl", [{"id": "e1", "label": 1, "messages": []}])
     bad = runner.invoke(app, [*base, "--train-as-text", str(empty), "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "--train-as-text" in bad.output and "'e1'" in bad.output
+    unlabelled = _write(tmp_path / "unlabelled.jsonl", [{"id": "u1", "label": 2, "text": "hello"}])
+    for flag in ("--train", "--train-as-text", "--test"):
+        bad = runner.invoke(app, [*base, flag, str(unlabelled), "--out", str(tmp_path / "bad")])
+        assert (
+            bad.exit_code == 2 and f"{flag}: records need label 0 or 1" in bad.output and "'u1'" in bad.output
+        )
 
 
 @pytest.mark.parametrize(
