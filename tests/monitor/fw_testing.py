@@ -10,6 +10,8 @@ third completion token.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +76,11 @@ def redis_servers(data: Path) -> list[int]:
         for p in psutil.process_iter(["name", "cwd"])
         if p.info["name"] == "redis-server" and p.info["cwd"] == str(data)
     ]
+
+
+def wait_until(cond: Callable[[], Any], timeout_s: float = 15.0, what: str = "condition") -> None:
+    """Poll `cond` until it holds; fail the test after `timeout_s` seconds (the one wait the tests share)."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)

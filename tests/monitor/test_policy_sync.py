@@ -7,8 +7,7 @@ both, and requests on the other replica follow it.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from fw_testing import ALLOW_POLICY, make_settings, policy_text, rule, running
+from fw_testing import ALLOW_POLICY, make_settings, policy_text, rule, running, wait_until
 from typer.testing import CliRunner
 
 from monitor.cli import app as cli_app
@@ -26,14 +25,6 @@ from policies.loader import PolicyIssue
 from policies.reload import PolicyHolder
 
 BLOCK_ALWAYS = policy_text(rule("block-always", "always", "block", threshold=0.5), name="strict", version=2)
-
-
-def _wait(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 @pytest.fixture()
@@ -93,7 +84,7 @@ def test_publish_through_one_replica_reaches_both(fleet: dict[str, Any]) -> None
     )
     assert r.status_code == 200, r.text
     assert r.json()["published"]["name"] == "strict"
-    _wait(lambda: _policy_name(b, key) == "strict@2" and _policy_name(a, key) == "strict@2")
+    wait_until(lambda: _policy_name(b, key) == "strict@2" and _policy_name(a, key) == "strict@2")
     assert _finish(b, key) == "content_filter"
     status = replica_status(fleet["client"])
     assert len(status) == 2 and {s["state"] for s in status.values()} == {"applied"}
@@ -127,7 +118,7 @@ def test_cli_publish_and_status(fleet: dict[str, Any], tmp_path: Path, tiny_sae_
     res = runner.invoke(cli_app, ["policy", "publish", str(f), *dets, "--by", "ci"])
     assert res.exit_code == 0, res.output
     assert "published strict@2" in res.output
-    _wait(lambda: _policy_name(a, fleet["admin"]) == "strict@2" == _policy_name(b, fleet["admin"]))
+    wait_until(lambda: _policy_name(a, fleet["admin"]) == "strict@2" == _policy_name(b, fleet["admin"]))
     res = runner.invoke(cli_app, ["policy", "status", "--redis-url", fleet["url"]])
     assert res.exit_code == 0 and "strict@2" in res.output and "applied" in res.output
     f.write_text("name: x\nrules: [")
@@ -152,7 +143,7 @@ def test_subscriber_catches_up_and_reports_a_rejection(
         assert holder.policy.name == "strict"
         refused = policy_text(rule("x", "never", "flag"), name="refused", version=3)
         publish_policy(client, refused, source="t", by="test")
-        _wait(lambda: replica_status(client).get("r1", {}).get("state") == "rejected")
+        wait_until(lambda: replica_status(client).get("r1", {}).get("state") == "rejected")
         assert holder.policy.name == "strict"  # the old policy stays
         assert "refused here" in replica_status(client)["r1"]["issues"][0]
     finally:

