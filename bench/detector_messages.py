@@ -6,12 +6,12 @@
 
 The file holds 130 hand-written chat records (genuine account mail, personal money texts, account-phishing
 twins, scam texts; sae_assets/smollm2-135m-l15/concepts/README.md, "Held-out messages") that no shipped
-detector was trained on (and --file heldout/scam_messages_b7.jsonl or _b9.jsonl, session 18's sets whose
-requests never name the label). The public inbox suites are Enron-era mail; this set asks whether a
-detector read scams or the suites' style. --user replaces every request and --as-text drops it, to see how
-much a detector leans on a request that names the scam. Per detector (LABEL=FOLDER:NAME): AUROC over all
-records, over the mails and over the texts, and how many records of each kind reach the spec's threshold.
-Fits nothing.
+detector was trained on (and --file heldout/scam_messages_b7.jsonl, _b9.jsonl or _b11.jsonl, the sets of
+sessions 18–19 whose requests never name the label). The public inbox suites are Enron-era mail; this
+set asks whether a detector read scams or the suites' style. --user replaces every request and --as-text
+drops it, to see how much a detector leans on a request that names the scam. Per detector
+(LABEL=FOLDER:NAME): AUROC over all records, over the mails and over the texts, and how many records of
+each kind reach the spec's threshold. Fits nothing.
 """
 
 from __future__ import annotations
