@@ -46,7 +46,8 @@ def _load_dash(folder: Path) -> Any:
 
 def _load_model_and_sae(folder: Path, model: str, device: str) -> tuple[Any, Any, str]:
     from monitor.model import ModelLoadError, load_model
-    from sae_assets.dashboards import DashboardsError, sae_hook_point
+    from sae_assets.dashboards import DashboardsError
+    from sae_assets.dashboards_build import sae_hook_point
     from sae_assets.sae import SAE, SAEFormatError
 
     try:
@@ -162,7 +163,8 @@ def search(
     as_json: JsonOpt = False,
 ) -> None:
     """Find latents two ways: labels / top tokens matching TEXT, and latents that fire most on TEXT."""
-    from sae_assets.dashboards import Dashboards, DashboardsError, search_labels
+    from sae_assets.dashboards import Dashboards, DashboardsError
+    from sae_assets.dashboards_search import search_labels
 
     folder = _sae_folder(path)
     try:
@@ -188,7 +190,7 @@ def _text_matches(
     folder: Path, text: str, limit: int, model: str, device: str, dash: Any
 ) -> list[dict[str, Any]]:
     """Latents that fire most on `text`, with their dashboard labels and max activations when known."""
-    from sae_assets.dashboards import top_latents_for_text
+    from sae_assets.dashboards_search import top_latents_for_text
 
     lm, sae, point = _load_model_and_sae(folder, model, device)
     rows = []
@@ -214,7 +216,7 @@ def dashboards(
     device: DeviceOpt = "auto",
 ) -> None:
     """Build every latent's dashboard from a corpus and store it in PATH/dashboards/ (manual labels kept)."""
-    from sae_assets.dashboards import build_dashboards, read_records
+    from sae_assets.dashboards_build import build_dashboards, read_records
     from sae_assets.text import RecordError
 
     folder = _sae_folder(path)

@@ -188,7 +188,8 @@ def train_cmd(
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Train a TopK/BatchTopK SAE: config file < --set < explicit flags. Exit 2 on a bad config field."""
-    from sae_assets.train import TrainConfigError, checkpoint_path, load_train_config
+    from sae_assets.train_config import TrainConfigError, load_train_config
+    from sae_assets.trainer import checkpoint_path
 
     raw: dict[str, Any] = {}
     try:
@@ -224,7 +225,7 @@ def train_cmd(
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
-    from sae_assets.train import TrainConfigError
+    from sae_assets.train_config import TrainConfigError
 
     parsed: dict[str, Any] = {}
     for item in items:
@@ -239,7 +240,7 @@ def _fill_from_acts(raw: dict[str, Any], acts: Path) -> None:
     """Default hook_point/model_name to what `sae collect` recorded; refuse a contradicting hook point."""
     from sae_assets.collect import MANIFEST
     from sae_assets.hooks import hf_hook_point
-    from sae_assets.train import TrainConfigError
+    from sae_assets.train_config import TrainConfigError
 
     manifest, source = acts / MANIFEST, acts / "source.json"
     recorded: dict[str, Any] = json.loads(source.read_text()) if source.is_file() else {}
@@ -256,14 +257,15 @@ def _fill_from_acts(raw: dict[str, Any], acts: Path) -> None:
 
 
 def _build_config(raw: dict[str, Any]) -> Any:
-    from sae_assets.train import TrainConfig
+    from sae_assets.train_config import TrainConfig
 
     return TrainConfig.from_dict(raw)
 
 
 def _run_training(acts: Path, cfg: Any, out_dir: Path, resume: bool, progress: bool) -> None:
     from sae_assets.collect import MANIFEST
-    from sae_assets.train import TrainConfigError, train_from_store
+    from sae_assets.train import train_from_store
+    from sae_assets.train_config import TrainConfigError
 
     if not (acts / MANIFEST).is_file():
         raise _fail(f"--acts: {acts} has no {MANIFEST} (run `featurewatch sae collect` first)")

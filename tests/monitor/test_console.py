@@ -39,7 +39,7 @@ def console_sae(src: Path, dest: Path, lm: Any) -> Path:
     """A copy of the tiny SAE (the session's original stays without dashboards) with dashboards built on
     TEXTS and a `varied` detector whose token scores spread over [0, 1] (the shared ones are constant: the
     tiny model's latents 3, 9 and 12 reach ~0.2 at most, so weight 20 and bias -2 span ~0.2-0.97)."""
-    from sae_assets.dashboards import build_dashboards
+    from sae_assets.dashboards_build import build_dashboards
     from sae_assets.sae import SAE
 
     folder = dest / "tiny-sae"

@@ -14,17 +14,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
-import sae_assets.dashboards as dashboards_mod
 from monitor.cli_features import PEAK_CLOSE, PEAK_OPEN, register
-from sae_assets import dashboards as dmod
-from sae_assets.dashboards import (
-    Dashboards,
-    DashboardsError,
-    build_dashboards,
-    search_labels,
-    top_latents_for_text,
-    write_label,
-)
+from sae_assets import dashboards_search, dashboards_stats
+from sae_assets.dashboards import Dashboards, DashboardsError, write_label
+from sae_assets.dashboards_build import build_dashboards
+from sae_assets.dashboards_search import search_labels, top_latents_for_text
 from sae_assets.sae import SAE, SAEConfig, SAEMetadata
 
 POINT = "model.layers.1"
@@ -35,7 +29,8 @@ def _no_norm_outlier_filter() -> Iterator[None]:
     """The planted token is deliberately a residual-norm outlier in this tiny model (its embedding gets a
     10·u boost); the massive-activation filter would drop it. That filter is tested in test_collect_mask."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dashboards_mod, "MASSIVE_RATIO", float("inf"))
+        mp.setattr(dashboards_stats, "MASSIVE_RATIO", float("inf"))  # read by the build's scan
+        mp.setattr(dashboards_search, "MASSIVE_RATIO", float("inf"))  # read by top_latents_for_text
         yield
 
 
@@ -104,7 +99,8 @@ def setup() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def dash(setup: dict[str, Any]) -> Dashboards:
     mp = pytest.MonkeyPatch()
-    mp.setattr(dmod, "ENCODE_BUDGET", 1)  # one context per encode chunk: exercises the streaming merge
+    # one context per encode chunk: exercises the streaming merge
+    mp.setattr(dashboards_stats, "ENCODE_BUDGET", 1)
     try:
         return build_dashboards(
             setup["model"],

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from monitor.cli_sae import sae_app
 from sae_assets.inspect import sae_report
 from sae_assets.sae import SAE, SAEConfig, SAEMetadata
-from sae_assets.train import unit_rows
+from sae_assets.train_kernels import unit_rows
 
 
 def random_sae(architecture: str = "topk", d_in: int = 8, d_sae: int = 24) -> SAE:

@@ -15,19 +15,9 @@ from typer.testing import CliRunner
 from monitor.cli_sae import sae_app
 from sae_assets.collect import MANIFEST, ActivationStore
 from sae_assets.sae import SAE
-from sae_assets.train import (
-    LOG_FILENAME,
-    TRAIN_CFG_FILENAME,
-    TrainConfig,
-    TrainConfigError,
-    geometric_median,
-    lr_factor,
-    remove_parallel_grad,
-    store_batches,
-    train_from_store,
-    train_sae,
-    unit_rows,
-)
+from sae_assets.train import LOG_FILENAME, TRAIN_CFG_FILENAME, store_batches, train_from_store, train_sae
+from sae_assets.train_config import TrainConfig, TrainConfigError
+from sae_assets.train_kernels import geometric_median, lr_factor, remove_parallel_grad, unit_rows
 
 # 64 planted directions in 64 dims, 3 active per sample. With d_in=32 the encoder's interference between
 # non-orthogonal directions caps EV near 0.9 and BatchTopK lands at 0.83-0.9 on some seeds; at 64 dims both
@@ -266,7 +256,7 @@ def test_train_cli_trains_and_refuses_to_overwrite_a_run(tmp_path: Path) -> None
 
 
 def test_dead_window_scales_to_short_runs() -> None:
-    from sae_assets.train import Trainer
+    from sae_assets.trainer import Trainer
 
     tr = Trainer(small_cfg(d_sae=16), D_IN, total_steps=1000)
     assert tr.dead_steps == math.ceil(1000 * 256 * 0.1 / 256)  # 10% of the run, not 10M tokens

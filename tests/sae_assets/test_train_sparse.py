@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_assets.train import TrainConfig, Trainer, _batch_topk_pairs, _topk_pairs
+from sae_assets.train_config import TrainConfig
+from sae_assets.train_kernels import batch_topk_pairs, topk_pairs
+from sae_assets.trainer import Trainer
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
@@ -39,10 +41,10 @@ def test_sparse_pairs_match_dense_reconstruction_and_grads(arch: str) -> None:
 def test_batch_topk_pairs_pick_the_batch_largest() -> None:
     torch.manual_seed(1)
     pre = torch.randn(16, 64)
-    rows, cols = _batch_topk_pairs(pre, k=3)
+    rows, cols = batch_topk_pairs(pre, k=3)
     picked = pre[rows, cols]
     assert picked.numel() == 48 and bool((picked > 0).all())
     assert torch.equal(picked.sort(descending=True).values, pre.flatten().topk(48).values)
-    rows_t, cols_t = _topk_pairs(pre, k=3)
+    rows_t, cols_t = topk_pairs(pre, k=3)
     assert torch.equal(pre[rows_t, cols_t].view(16, 3), pre.topk(3, dim=-1).values)
     assert torch.equal(torch.bincount(rows_t, minlength=16), torch.full((16,), 3))
