@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-from detectors.build import Corpus, assign_folds, extract_corpus
 from detectors.calibrate import auroc
+from detectors.corpus import Corpus, extract_corpus
 from detectors.datasets import EVAL_SUITES, public_train_records
+from detectors.fitting import assign_folds
 from detectors.probe import train_probe
 from monitor.model import load_model
 

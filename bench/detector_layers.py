@@ -4,7 +4,7 @@ For each concept: training records = the seed train split + `--public-train` rec
 the public TRAIN splits (detectors.datasets.public_train_records). Completion residuals are extracted once
 at every candidate layer (one forward pass that stops after the deepest one), mean-pooled, and a balanced
 logistic-regression probe per layer (and per layer pair) is scored by
-  oof         grouped 5-fold out-of-fold AUROC over all training records (folds as in detectors.build),
+  oof         grouped 5-fold out-of-fold AUROC over all training records (folds as in detectors.fitting),
   oof/<src>   the same out-of-fold scores restricted to one source (seed, or one public suite's train part),
   seed-test   AUROC on the seed test split of a probe fitted on all training records.
 The public test splits are never loaded here.
@@ -24,13 +24,14 @@ from typing import Any
 
 import torch
 
-from detectors.build import Corpus, assign_folds, extract_corpus, pooled_table
 from detectors.calibrate import auroc
+from detectors.corpus import Corpus, extract_corpus, pooled_table
 from detectors.datasets import load_seed, public_train_records
+from detectors.fitting import assign_folds
 from detectors.probe import train_probe
 from monitor.model import load_model
 
-C_GRID = (0.001, 0.01, 0.1, 1.0)  # the probe variants' C values in detectors.build.VARIANTS
+C_GRID = (0.001, 0.01, 0.1, 1.0)  # the probe variants' C values in detectors.variants.VARIANTS
 
 
 def _x(corpus: Corpus, points: list[str]) -> torch.Tensor:

@@ -14,7 +14,7 @@ Definitions (T tokens s_1..s_T; every aggregation of an empty sequence is 0.0):
                      the mean of the k most recent tokens, so it can fall as well as rise
 - mix(k, alpha):      σ(alpha · mean_t z_t + (1 − alpha) · mean of the last min(k, T) z_t), z_t = logit(s_t):
                      a probe fitted on the convex pool alpha·mean + (1 − alpha)·last-k-mean of the residuals
-                     (detectors.build pool "mix:K:A") is served exactly, since its logit is affine in its
+                     (pool "mix:K:A", detectors.variants) is served exactly, since its logit is affine in its
                      input. A truth probe needs both: TruthfulQA's answers read best over their mean,
                      cities' statements at their last tokens (docs/benchmarks.md, [3/7], session 15).
                      Mid-stream its last-k part is the newest tokens', as for last_mean

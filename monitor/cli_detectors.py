@@ -63,7 +63,7 @@ def discover_cmd(
     pos_recs = [{**r, "label": 1} for r in read_input(pos, "--pos")]
     neg_recs = [{**r, "label": 0} for r in read_input(neg, "--neg")]
     folder, sae_obj, lm = load_runtime(sae, model, device)
-    from detectors.build import extract_corpus, pooled_table
+    from detectors.corpus import extract_corpus, pooled_table
     from detectors.discover import make_sae_features_spec, rank_latents
     from detectors.errors import DetectorError
     from detectors.extract import sae_hook_point

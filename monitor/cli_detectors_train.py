@@ -172,8 +172,10 @@ def train_cmd(
     per public eval suite from the datasets' train splits (never their test splits, which `detectors eval`
     reports); the spec records this so that eval trains its TF-IDF baseline on the same records.
     """
-    from detectors.build import POOLS, SELECT_BY, TokenRows, valid_pool
+    from detectors.build import SELECT_BY
+    from detectors.corpus import TokenRows
     from detectors.datasets import DatasetError, TrainingData, as_text, load_seed, stable_hash
+    from detectors.variants import POOLS, valid_pool
 
     concepts = split_names(concept)
     _check_family_name(name, concepts)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from sae_testing import tiny_sae
 
-from detectors.build import BuildResult, assign_folds, build_concept_detectors, shipped_detectors
+from detectors.build import BuildResult, build_concept_detectors, shipped_detectors
 from detectors.datasets import (
     EVAL_SUITES,
     DatasetError,
@@ -24,6 +24,7 @@ from detectors.datasets import (
     truncate_records,
 )
 from detectors.evaluate import evaluate_detectors, render_markdown
+from detectors.fitting import assign_folds
 from detectors.registry import load_detectors
 from sae_assets.sae import SAE
 

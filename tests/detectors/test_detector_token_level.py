@@ -12,21 +12,16 @@ import torch
 from sae_testing import tiny_sae
 from typer.testing import CliRunner
 
-import detectors.build as build
 from detectors.aggregate import Aggregation, aggregate
 from detectors.base import TokenFeatures
-from detectors.build import (
-    Corpus,
-    TokenRows,
-    build_concept_detectors,
-    calib_recall,
-    parse_agg,
-    token_table,
-)
+from detectors.build import build_concept_detectors
+from detectors.corpus import Corpus, TokenRows, pooled_table, token_table
 from detectors.extract import iter_token_features
+from detectors.fitting import active_latents, calib_recall
 from detectors.probe import ProbeDetector
 from detectors.registry import load_detector, load_detectors
 from detectors.spec import load_spec
+from detectors.variants import mix_pool, parse_agg, valid_pool
 from monitor.cli import app
 from sae_assets.sae import SAE
 
@@ -151,7 +146,10 @@ def test_token_level_build_with_calibration_split(
     def boom(*a: Any, **k: Any) -> Any:
         raise AssertionError("forward pass despite the cache")
 
-    monkeypatch.setattr(build, "iter_token_features", lambda *a, **k: iter(()) if not a[2] else boom())
+    # extract_corpus looks the name up in detectors.corpus
+    monkeypatch.setattr(
+        "detectors.corpus.iter_token_features", lambda *a, **k: iter(()) if not a[2] else boom()
+    )
     again = build_concept_detectors(
         tiny_lm.model, tiny_lm.tokenizer, sae, "toy", train, calib, folder / "again", **kw
     )
@@ -185,8 +183,8 @@ def test_last_pool_fits_the_end_of_each_completion(
     mean of the last K token scores (or the max): the written spec reproduces the pooled fit's ranking."""
     feats = [TokenFeatures(resid={"model.layers.2": torch.arange(12.0).reshape(6, 2)})]
     corpus = Corpus(feats, torch.tensor([1]), ["a"], {})
-    assert build.pooled_table(corpus, "resid", "last:2", "model.layers.2").tolist() == [[9.0, 10.0]]
-    assert build.valid_pool("last:3") and not build.valid_pool("last:0") and not build.valid_pool("last")
+    assert pooled_table(corpus, "resid", "last:2", "model.layers.2").tolist() == [[9.0, 10.0]]
+    assert valid_pool("last:3") and not valid_pool("last:0") and not valid_pool("last")
     result = _build_pooled(toy, tiny_lm, "last", "last:2")
     ev = result.specs["toy_probe"].eval
     assert set(ev["variants_auroc_oof"]) == {
@@ -205,11 +203,11 @@ def test_mix_pool_fits_mean_and_end_together_and_serves_it_exactly(
     feats = [TokenFeatures(resid={"model.layers.2": torch.arange(12.0).reshape(6, 2)})]
     corpus = Corpus(feats, torch.tensor([1]), ["a"], {})
     # mean (5, 6), last two (9, 10): 0.25·mean + 0.75·last
-    assert build.pooled_table(corpus, "resid", "mix:2:0.25", "model.layers.2").tolist() == [[8.0, 9.0]]
-    assert build.mix_pool("mix:2:0.25") == (2, 0.25)
+    assert pooled_table(corpus, "resid", "mix:2:0.25", "model.layers.2").tolist() == [[8.0, 9.0]]
+    assert mix_pool("mix:2:0.25") == (2, 0.25)
     for bad in ("mix:0:0.5", "mix:2:1.5", "mix:2:0", "mix:2", "mix:x:0.5", "mix:2:abc"):
-        assert not build.valid_pool(bad), bad
-    assert build.parse_agg("mix:2:0.25") == Aggregation(kind="mix", k=2, alpha=0.25)
+        assert not valid_pool(bad), bad
+    assert parse_agg("mix:2:0.25") == Aggregation(kind="mix", k=2, alpha=0.25)
     result = _build_pooled(toy, tiny_lm, "mix", "mix:2:0.5")
     spec = result.specs["toy_probe"]
     assert set(spec.eval["variants_auroc_oof"]) == {
@@ -233,10 +231,10 @@ def test_active_latents_keeps_frequent_ones_most_frequent_first(monkeypatch: pyt
     lat[:, 1] = 1.0  # every row
     lat[:100, 3] = 0.5  # half the rows
     lat[:1, 4] = 2.0  # 0.5 % of rows: below LATENT_MIN_SHARE (1 %)
-    assert build.active_latents(lat) == [1, 3]
-    monkeypatch.setattr(build, "LATENT_INPUTS_MAX", 1)
-    assert build.active_latents(lat) == [1]
-    assert build.active_latents(torch.zeros(10, 5)) == [0]  # never empty: a probe needs an input
+    assert active_latents(lat) == [1, 3]
+    monkeypatch.setattr("detectors.fitting.LATENT_INPUTS_MAX", 1)
+    assert active_latents(lat) == [1]
+    assert active_latents(torch.zeros(10, 5)) == [0]  # never empty: a probe needs an input
 
 
 def test_latent_probe_reads_sae_latents_and_reloads(
