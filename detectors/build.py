@@ -48,7 +48,7 @@ from detectors.errors import DetectorError
 from detectors.extract import sae_hook_point
 from detectors.fitting import Fitter, Labels, assign_folds
 from detectors.registry import available_detectors
-from detectors.selection import BuildInputs, build_kind
+from detectors.selection import BuildInputs, build_kind, round4
 from detectors.spec import BaseSpec, dump_spec, load_spec
 from detectors.variants import POOLS, valid_pool, variants_for
 from sae_assets.hooks import hf_hook_point
@@ -224,10 +224,6 @@ def _ship(
     return selected, type(primary).model_validate({**primary.model_dump(), "name": family, "eval": ev})
 
 
-def _r(x: float) -> float:
-    return round(float(x), 4)
-
-
 def source_weights(sources: Sequence[str]) -> Tensor:
     """(N,) weights giving every source the same total weight, mean 1: with 1,000+ public records and
     ~150 seed records the probe would otherwise fit the public data's style and neglect the seed data's
@@ -260,7 +256,9 @@ def recalibrate(
     if thr > 1.0:
         raise DetectorError(f"{det.name}: too many negatives score 1.0 to reach FPR {fpr}")
     pos = pos_scores if pos_scores is not None else torch.zeros(0)
-    fig = {k: _r(v) for k, v in metrics(pos, neg_scores, thr).items() if len(pos) or k in ("fpr", "n_neg")}
+    fig = {
+        k: round4(v) for k, v in metrics(pos, neg_scores, thr).items() if len(pos) or k in ("fpr", "n_neg")
+    }
     ev = {**det.spec.eval, "recalibrated": fig}
     return type(det.spec).model_validate(
         {**det.spec.model_dump(), "threshold": thr, "target_fpr": fpr, "eval": ev}

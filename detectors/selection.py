@@ -154,7 +154,7 @@ def _train_figures(
     ev: dict[str, Any] = {
         "variant_of": s.family,
         "concept": s.concept,
-        "auroc_oof": _r(oof_auc[best]),
+        "auroc_oof": round4(oof_auc[best]),
         "train": {
             "n_pos": s.n_pos,
             "n_neg": s.n_neg,
@@ -165,7 +165,7 @@ def _train_figures(
             **({"data": s.data} if s.data is not None else {}),
         },
         "auroc_oof_by_source": _by_source(tried[best], s.train.labels, s.sources),
-        "variants_auroc_oof": {_vname(v): _r(a) for v, a in oof_auc.items()},
+        "variants_auroc_oof": {_vname(v): round4(a) for v, a in oof_auc.items()},
         "calibration": {
             "n_neg_oof": 0 if s.calib_only else n_neg_oof,
             "n_neg_extra": n_neg_extra,
@@ -178,7 +178,7 @@ def _train_figures(
             "by": f"{s.select_by}@{s.select_fpr}",
             "n_seed_pos": int(s.seed_pos.sum()),
             **({"n_hard_neg": int(s.seed_neg.sum())} if s.hard_neg is not None else {}),
-            "variants": {_vname(v): _r(r) for v, r in sel.items()},
+            "variants": {_vname(v): round4(r) for v, r in sel.items()},
         }
     return ev
 
@@ -193,7 +193,7 @@ def _held_out(s: BuildInputs, det: Detector, thr: float, op_thr: dict[str, float
         det, everyone, s.stream_from
     )
     fig: dict[str, Any] = {
-        "auroc_test": _r(auroc(finals[test.labels == 1], finals[test.labels == 0]))
+        "auroc_test": round4(auroc(finals[test.labels == 1], finals[test.labels == 0]))
         if bool((test.labels == 1).any() and (test.labels == 0).any())
         else None
     }
@@ -206,7 +206,7 @@ def _held_out(s: BuildInputs, det: Detector, thr: float, op_thr: dict[str, float
     if len(set(neg_src)) > 1:
         fig["test_fpr_by_source"] = {
             src: {
-                name: _r(float((tn[mask] >= t).double().mean()))
+                name: round4(float((tn[mask] >= t).double().mean()))
                 for name, t in {"threshold": thr, **op_thr}.items()
             }
             | {"n_neg": int(mask.sum())}
@@ -236,8 +236,8 @@ def _by_pool(
         ops = {str(float(f)): threshold_for_fpr(n_all, f) for f in s.operating_fprs}
         by_pool[pool] = {
             "variant": bp.as_dict(),
-            "auroc_oof": _r(oof_auc[bp]),
-            **({"calib_recall": _r(sel[bp])} if bp in sel else {}),
+            "auroc_oof": round4(oof_auc[bp]),
+            **({"calib_recall": round4(sel[bp])} if bp in sel else {}),
             "threshold": t,
             "operating_points": ops,
             **(_held_out(s, d, t, ops) if len(s.test.feats) else {}),
@@ -262,7 +262,7 @@ def _spec(
 
 
 def _figures(m: dict[str, float]) -> dict[str, float | int]:
-    return {k: int(v) if k.startswith("n_") else _r(v) for k, v in m.items()}
+    return {k: int(v) if k.startswith("n_") else round4(v) for k, v in m.items()}
 
 
 def _by_source(scores: Tensor, labels: Tensor, sources: Sequence[tuple[str, ...]]) -> dict[str, float | None]:
@@ -272,7 +272,7 @@ def _by_source(scores: Tensor, labels: Tensor, sources: Sequence[tuple[str, ...]
     for src in dict.fromkeys(s for srcs in sources for s in srcs):
         mask = torch.tensor([src in s for s in sources])
         pos, neg = scores[mask & (labels == 1)], scores[mask & (labels == 0)]
-        out[src] = _r(auroc(pos, neg)) if len(pos) and len(neg) else None
+        out[src] = round4(auroc(pos, neg)) if len(pos) and len(neg) else None
     return out
 
 
@@ -280,5 +280,6 @@ def _vname(v: Variant) -> str:
     return f"pool={v.pool},agg={v.agg}" + (f",C={v.C}" if v.kind == "probe" else "")
 
 
-def _r(x: float) -> float:
+def round4(x: float) -> float:
+    """Figures in specs: 4 decimals."""
     return round(float(x), 4)
