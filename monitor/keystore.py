@@ -137,7 +137,9 @@ class KeyStore:
         while True:  # a key_id collision (48 bits) only costs another draw
             key = KEY_PREFIX + secrets.token_urlsafe(32)
             h = digest(key)
-            info = KeyInfo(h[:ID_CHARS], name or f"{role}-{h[:ID_CHARS]}", role, uniq, round(time.time(), 3))
+            # Microseconds, not milliseconds: two keys made within one millisecond (a script, a test)
+            # were listed in key-id order rather than oldest first.
+            info = KeyInfo(h[:ID_CHARS], name or f"{role}-{h[:ID_CHARS]}", role, uniq, round(time.time(), 6))
             if self._insert(info, h):
                 self._count = (0.0, 1)  # expired (the next check asks Redis); keys exist
                 return key, info
