@@ -25,6 +25,7 @@ def test_every_record_has_the_seed_schema_and_a_unique_id() -> None:
         "heldout/scam_messages_b7.jsonl",
         "heldout/scam_messages_b9.jsonl",
         "heldout/scam_messages_b11.jsonl",
+        "heldout/scam_messages_b12.jsonl",
         "pairs/scam_pairs.jsonl",
     } <= set(files)
     seen: dict[str, str] = {}
@@ -60,12 +61,13 @@ def test_contrast_pairs_hold_one_genuine_message_and_its_scam_twin() -> None:
         ("scam_messages_b7.jsonl", 120, ("legit_mail", "scam_mail", "legit_text", "scam_text")),
         ("scam_messages_b9.jsonl", 80, ("legit_text", "scam_text")),
         ("scam_messages_b11.jsonl", 100, ("legit_text", "scam_text")),
+        ("scam_messages_b12.jsonl", 100, ("legit_text", "scam_text")),
     ],
 )
 def test_later_heldout_sets_never_name_the_label_in_the_prompt(
     name: str, n: int, kinds: tuple[str, ...]
 ) -> None:
-    """heldout/scam_messages_b7.jsonl, _b9.jsonl and _b11.jsonl test whether a detector reads the message,
+    """heldout/scam_messages_b7.jsonl, _b9, _b11 and _b12 test whether a detector reads the message,
     not the request: their user turns describe channel, sender and occasion only, alike for both labels."""
     recs = read_records(seed_dir() / "heldout" / name)
     assert len(recs) == n and sum(r["label"] for r in recs) == n // 2
