@@ -21,8 +21,8 @@ SCAM_TURN = (
 
 
 # The end-to-end block cases use the shipped scam detector with this test policy. Its threshold is a
-# pipeline check, not a quality claim (measured with the scam probe of session 19, trained with 260 contrast
-# pairs: the scam message 0.736, the store-hours message 0.17, a thank-you note 0.13; docs/benchmarks.md,
+# pipeline check, not a quality claim (measured with the scam probe of session 19, trained with 320 contrast
+# pairs: the scam message 0.768, the store-hours message 0.17, a thank-you note 0.14; docs/benchmarks.md,
 # [3/7]).
 E2E_POLICY = """
 name: e2e
