@@ -4,6 +4,9 @@ side by side with a full forward pass (all 30 blocks + LM head) over the same ba
 Run: .venv/bin/python bench/bench_scoring.py [--rounds 3] [--batch-size 8] [--records 96] [--json out.json]
      [--model NAME|FOLDER] [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16] [--without NAMES]
 
+"with_top" times the same scorer with `--top-k 5`, what `featurewatch score` runs by default: naming each
+detector's top latents makes a residual probe's scorer encode all SAE latents (detectors.attribution).
+
 When some shipped detectors read deeper than the SAE's layer, the detectors that read only the SAE's layer
 are timed as well ("shallow"): the price of the deeper hook point. `--without a,b` times the shipped set
 less those detectors in the same rounds ("without"): the price of shipping them.
@@ -94,6 +97,7 @@ def main() -> None:
     names = shipped_detectors(folder / "detectors")
     dets = load_detectors(names, folder / "detectors", sae, model=lm.model)
     scorer = Scorer(lm.model, lm.tokenizer, sae, dets, top_k=0)
+    with_top = Scorer(lm.model, lm.tokenizer, sae, dets, top_k=5)
     # The detectors that read only the SAE's layer: what scoring costs if no detector went deeper.
     sae_point = sae_hook_point(sae)
     shallow = {n: d for n, d in dets.items() if set(d.hook_points()) <= {sae_point}}
@@ -110,9 +114,10 @@ def main() -> None:
     batches = _batches(lm.tokenizer, records, a.batch_size)
     n_tok = sum(int(m.sum()) for _, m in batches)
     _time_full(lm.model, lm.tokenizer, records[: a.batch_size], a.batch_size)  # warm-up allocations
-    times: dict[str, list[float]] = {"early_exit": [], "full": [], "shallow": [], "without": []}
+    times: dict[str, list[float]] = {k: [] for k in ("early_exit", "full", "with_top", "shallow", "without")}
     for _ in range(a.rounds):
         times["early_exit"].append(_time_scoring(scorer, records, a.batch_size))
+        times["with_top"].append(_time_scoring(with_top, records, a.batch_size))
         times["full"].append(_time_full(lm.model, lm.tokenizer, records, a.batch_size))
         if subset is not None:
             times["shallow"].append(_time_scoring(subset, records, a.batch_size))
@@ -135,6 +140,8 @@ def main() -> None:
         "full_texts_s": len(records) / med["full"],
         "full_tokens_s": n_tok / med["full"],
         "speedup": med["full"] / med["early_exit"],
+        "top5_texts_s": len(records) / med["with_top"],
+        "top5_cost": med["with_top"] / med["early_exit"],
     }
     if "shallow" in med:
         out.update(

@@ -107,6 +107,18 @@ class Detector(Protocol):
         ...
 
 
+@runtime_checkable
+class AttributesLatents(Protocol):
+    """Optional for a detector: its `top_features` reads every SAE latent, not only watched ones (a residual
+    probe read through the SAE's decoder, detectors.attribution), so a scorer should encode them all."""
+
+    def attributes_latents(self) -> bool: ...
+
+
+def wants_all_latents(det: Detector) -> bool:
+    return isinstance(det, AttributesLatents) and det.attributes_latents()
+
+
 def score_message(det: Detector, feats: TokenFeatures, aggregation: Aggregation | None = None) -> float:
     """Message-level value: the detector's token scores aggregated (its spec's default aggregation)."""
     return aggregate(det.score_tokens(feats), aggregation or det.spec.aggregation)

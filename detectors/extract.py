@@ -126,15 +126,17 @@ def batch_token_features(
     hook_points: Sequence[str] = (),
     *,
     sae: SAE | None = None,
-    latent_ids: Sequence[int] = (),
+    latent_ids: Sequence[int] | None = (),
 ) -> list[TokenFeatures]:
     """TokenFeatures for already tokenized records, (token ids, kept positions) each, in one forward pass
-    that stops after the deepest hook point. With `sae`, `latent_ids` are encoded at its hook point."""
+    that stops after the deepest hook point. With `sae`, `latent_ids` are encoded at its hook point (None:
+    every latent, one full encode)."""
     points = [hf_hook_point(p) for p in hook_points]
     sae_point = sae_hook_point(sae) if sae is not None else None
     capture = list(dict.fromkeys([*points, *([sae_point] if sae_point else [])]))
     if not capture:
         raise DetectorError("nothing to extract: give hook_points and/or an SAE")
+    watch = list(range(sae.d_sae)) if sae is not None and latent_ids is None else list(latent_ids or ())
     # Right padding: with causal attention, real tokens never attend to the pads after them.
     device = next(model.parameters()).device
     width = max(len(ids) for ids, _ in batch)
@@ -154,7 +156,8 @@ def batch_token_features(
         lat = None
         if sae is not None and sae_point is not None:
             h = acts[sae_point][rows, cols].to(sae.W_enc.device)  # (ΣT, d_in)
-            lat = sae.encode_watched(h, list(latent_ids)).float().cpu()  # (ΣT, n_watched)
+            lat = sae.encode(h) if latent_ids is None else sae.encode_watched(h, watch)
+            lat = lat.float().cpu()  # (ΣT, n_watched)
     split = {p: torch.split(v, lengths) for p, v in resid.items()}
     lat_split = torch.split(lat, lengths) if lat is not None else None
     # Clone outside inference mode so callers get ordinary tensors.
@@ -162,7 +165,7 @@ def batch_token_features(
         TokenFeatures(
             resid={p: split[p][i].clone() for p in points},
             latents=None if lat_split is None else lat_split[i].clone(),
-            latent_ids=list(latent_ids) if sae is not None else [],
+            latent_ids=watch if sae is not None else [],
         )
         for i in range(len(batch))
     ]

@@ -18,8 +18,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
-from detectors.base import TokenFeatures, top_latents_by_activation
+from detectors.attribution import decoder_attribution, token_weights, top_contributions
+from detectors.base import TokenFeatures
 from detectors.errors import DetectorError
+from detectors.extract import sae_hook_point
 from detectors.linear import LinearFit, fit_logistic
 from detectors.registry import register_kind
 from detectors.sae_features import check_latent_range
@@ -96,11 +98,27 @@ def load_probe(path: str | Path) -> tuple[LinearFit, dict[str, Any]]:
 
 @register_kind("probe", ProbeSpec)
 class ProbeDetector:
-    def __init__(self, spec: ProbeSpec, fit: LinearFit, latent_ids: list[int]) -> None:
+    def __init__(
+        self, spec: ProbeSpec, fit: LinearFit, latent_ids: list[int], sae: SAE | None = None
+    ) -> None:
         self.spec = spec
         self.name = spec.name
         self.fit = fit
         self._latent_ids = latent_ids  # the probe's inputs when spec.on_latents, else []
+        # Attribution (detectors.attribution): the logit per unit activation of each latent, (d_sae,) for a
+        # residual probe read through the SAE's decoder, (n_inputs,) for a latent probe; None without an
+        # SAE at one of the probe's hook points.
+        self._sae: SAE | None = None
+        self._u: Tensor | None = None
+        self._point = ""
+        w_tilde = fit.weight.float() / fit.std.float()
+        if spec.on_latents:
+            self._u = w_tilde
+        elif sae is not None and _sae_point(sae) in spec.hook_points:
+            self._point = _sae_point(sae)
+            d_in = w_tilde.numel() // len(spec.hook_points)
+            block = spec.hook_points.index(self._point)
+            self._sae, self._u = sae, decoder_attribution(sae, w_tilde[block * d_in : (block + 1) * d_in])
 
     @classmethod
     def from_spec(
@@ -118,7 +136,7 @@ class ProbeDetector:
             ids = _latent_inputs(spec, fit, meta, sae)
             return cls(spec, fit, ids)
         _check_residual_inputs(spec, fit, meta, sae, model)
-        return cls(spec, fit, [])
+        return cls(spec, fit, [], sae)
 
     def hook_points(self) -> list[str]:
         return list(self.spec.hook_points)
@@ -140,12 +158,38 @@ class ProbeDetector:
             self.fit = fit
         return torch.sigmoid(fit.logits(x))
 
+    def attributes_latents(self) -> bool:
+        """True when `top_features` reads every SAE latent (a residual probe at the SAE's hook point)."""
+        return self._sae is not None
+
     def top_features(self, feats: TokenFeatures, k: int = 5) -> list[dict[str, Any]]:
-        # A probe has no per-latent attribution; report the most active watched latents, if any.
-        return top_latents_by_activation(feats, k)
+        """The latents that pushed the score up most (detectors.attribution), weighted over the tokens the
+        spec's aggregation reads. A residual probe at a layer without an SAE names none: the most active
+        latents elsewhere would not be what drove it."""
+        if self._u is None or feats.latents is None or feats.n_tokens == 0:
+            return []
+        weights = token_weights(self.score_tokens(feats), self.spec.aggregation)
+        if self.spec.on_latents:
+            cols = self._u.to(feats.latents.device)
+            latents = feats.latent_columns(self._latent_ids)
+            gain = torch.ones(feats.n_tokens)
+            return top_contributions(latents, self._latent_ids, cols, gain, weights, k)
+        assert self._sae is not None
+        ids = torch.as_tensor(feats.latent_ids, dtype=torch.long, device=self._u.device)
+        gain = self._sae.decode_gain(feats.resid_at(self._point).to(self._sae.W_enc.device))
+        u_cols = self._u.index_select(0, ids)
+        return top_contributions(feats.latents, feats.latent_ids, u_cols, gain, weights, k)
 
     def clamp_for_steering(self) -> dict[int, float]:
         return {}  # a residual direction is not an SAE latent: probes cannot steer
+
+
+def _sae_point(sae: SAE) -> str:
+    """The SAE's hook point, or "" when its cfg.json names none (it then attributes no residual probe)."""
+    try:
+        return sae_hook_point(sae)
+    except DetectorError:
+        return ""
 
 
 def _latent_inputs(spec: ProbeSpec, fit: LinearFit, meta: dict[str, Any], sae: SAE | None) -> list[int]:

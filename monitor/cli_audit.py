@@ -202,11 +202,16 @@ def _print_record(rec: dict[str, Any]) -> None:
     tokens = Table("#", "token", "scores", "top latents", title="per-token evidence")
     for t in rec.get("evidence") or []:
         sc = " ".join(f"{k}={v:.3f}" for k, v in (t.get("scores") or {}).items())
-        top = " ".join(
-            f"{x['latent_id']}:{x.get('label') or ''}={x.get('activation')}" for x in t.get("top") or []
-        )
+        top = " ".join(_latent_cell(x) for x in t.get("top") or [])
+        if t.get("pushes"):
+            top = f"→{t['pushes']}: {top}"  # the latents pushing that probe up, contributions in logits
         tokens.add_row(str(t.get("index")), repr(t["text"]) if "text" in t else "-", sc, top)
     out.print(tokens)
+
+
+def _latent_cell(x: dict[str, Any]) -> str:
+    value = f"+{x['contribution']}" if x.get("contribution") is not None else f"={x.get('activation')}"
+    return f"{x['latent_id']}:{x.get('label') or ''}{value}"
 
 
 # ---- label, export -----------------------------------------------------------------------------------

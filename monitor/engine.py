@@ -192,7 +192,7 @@ class Engine:
             m = job.monitor
             if m is None:
                 return None
-            v = m.observe_token(ev.index, ev.text, ev.latents, ev.resid)
+            v = m.observe_token(ev.index, ev.text, ev.latents, ev.resid, ev.full_latents)
             if v.blocked:
                 return "stop"
             wanted = dict(v.steer) if v.action == "steer" else {}
@@ -206,6 +206,8 @@ class Engine:
             [j.prompt_ids for j in batch],
             [j.params for j in batch],
             watch=dset.latent_ids if monitored and dset is not None else (),
+            # Every latent (one d_in × d_sae product per token) when a probe's evidence names latents.
+            watch_all=bool(monitored and dset is not None and dset.attributing),
             steering=steering,
             capture_points=dset.points if monitored and dset is not None else (),
             on_token=on_token,

@@ -13,7 +13,7 @@ position 0 are skipped, because their residuals are attention-sink outliers the 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,12 +21,11 @@ from typing import Any
 import torch
 
 from detectors.aggregate import Aggregation, RunningAggregate, aggregate
-from detectors.base import Detector, TokenFeatures
+from detectors.base import Detector, TokenFeatures, wants_all_latents
 from monitor.conversation import History
+from monitor.evidence import Labels, TokenEvidence, attributed, most_active
 from policies.evaluate import Phase, PolicyState, Verdict, fired_rules
 from policies.schema import Policy
-
-Labels = Callable[[int], str]
 
 
 @dataclass(frozen=True)
@@ -41,6 +40,9 @@ class DetectorSet:
     points: list[str]  # residual hook points any detector reads
     latent_ids: list[int]  # SAE latents watched: every detector's (also the evidence shown per token)
     labels: Labels | None = None
+    # Detectors whose top latents come from reading them through the SAE decoder (monitor.evidence): when
+    # any is scored, generation encodes every latent so the audit trail can name them.
+    attributing: tuple[str, ...] = ()
 
     @classmethod
     def build(
@@ -73,33 +75,13 @@ class DetectorSet:
             points=list(dict.fromkeys(p for d in dets.values() for p in d.hook_points())),
             latent_ids=sorted({i for d in dets.values() for i in d.latent_ids()}),
             labels=label,
+            attributing=tuple(n for n, d in dets.items() if wants_all_latents(d)),
         )
 
     def scored_for(self, policy: Policy) -> list[str]:
         """Detectors scored for a request under `policy`: the reported ones and every one its rules read."""
         names = list(dict.fromkeys([*self.report, *policy.detectors]))
         return [n for n in names if n in self.detectors]
-
-
-@dataclass
-class TokenEvidence:
-    """One scored completion token: its detector scores and the strongest watched latents there."""
-
-    index: int
-    text: str
-    scores: dict[str, float]
-    top: list[tuple[int, float]]  # (latent id, activation), strongest first
-
-    def as_dict(self, labels: Labels | None) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "text": self.text,
-            "scores": {k: round(v, 4) for k, v in self.scores.items()},
-            "top": [
-                {"latent_id": i, "activation": round(a, 3), "label": labels(i) if labels else ""}
-                for i, a in self.top
-            ],
-        }
 
 
 @dataclass
@@ -128,6 +110,7 @@ class RequestMonitor:
     policy_seconds: float = 0.0  # of which in policy evaluation
     steered_at: int | None = None  # first completion token generated under steering clamps
     blocked_at: int | None = None  # index of the completion token that was withheld
+    _all_ids: list[int] = field(default_factory=list)  # 0..d_sae−1, built once for attributed evidence
 
     def __post_init__(self) -> None:
         self.state = PolicyState(
@@ -170,9 +153,15 @@ class RequestMonitor:
             return self.prompt_verdict
 
     def observe_token(
-        self, index: int, text: str, latents: torch.Tensor, resid: Mapping[str, torch.Tensor]
+        self,
+        index: int,
+        text: str,
+        latents: torch.Tensor,
+        resid: Mapping[str, torch.Tensor],
+        full_latents: torch.Tensor | None = None,
     ) -> Verdict:
-        """Score one completion token (latents (n_watched,), resid {point: (d_in,)}) before it is emitted."""
+        """Score one completion token (latents (n_watched,), resid {point: (d_in,)}) before it is emitted.
+        `full_latents` (d_sae,), when the generator encoded them all, name the latents behind a probe."""
         with self._clock("seconds"):
             feats = self._features(latents[None], {p: r[None] for p, r in resid.items()})  # T = 1
             if not self.tokens:
@@ -188,7 +177,7 @@ class RequestMonitor:
                 if name not in self.values:
                     self.values[name] = RunningAggregate(self.dset.aggregations[name])
                 self.values[name].update(got[0])
-            self.tokens.append(TokenEvidence(index, text, scores, self._top(latents)))
+            self.tokens.append(self._evidence(index, text, scores, latents, resid, full_latents))
             verdict = self.state.verdict
             if verdict.blocked and self.blocked_at is None:
                 self.blocked_at = index
@@ -229,11 +218,24 @@ class RequestMonitor:
             self.state.fail(name, self.errors[name])
             return None
 
-    def _top(self, latents: torch.Tensor) -> list[tuple[int, float]]:
-        if self.evidence_k <= 0 or latents.numel() == 0:
-            return []
-        vals, idx = latents.float().topk(min(self.evidence_k, latents.numel()))
-        return [(self.dset.latent_ids[int(j)], float(v)) for v, j in zip(vals, idx, strict=True) if v > 0]
+    def _evidence(
+        self,
+        index: int,
+        text: str,
+        scores: dict[str, float],
+        latents: torch.Tensor,
+        resid: Mapping[str, torch.Tensor],
+        full: torch.Tensor | None,
+    ) -> TokenEvidence:
+        if full is not None and self.evidence_k > 0:
+            if len(self._all_ids) != full.numel():
+                self._all_ids = list(range(full.numel()))
+            dets = {n: self.dset.detectors[n] for n in self.dset.attributing if n in self.names}
+            limits = self.dset.thresholds
+            got = attributed(dets, scores, full, resid, self._all_ids, self.evidence_k, limits)
+            if got is not None:
+                return TokenEvidence(index, text, scores, got[0], got[1])
+        return TokenEvidence(index, text, scores, most_active(latents, self.dset.latent_ids, self.evidence_k))
 
     # ---- reporting ----------------------------------------------------------------------------------
     def summary(self, verdict: Verdict | None = None) -> dict[str, Any]:

@@ -163,6 +163,7 @@ class _Run:
             rt.dset.points,
             rt.dset.latent_ids,
             getattr(rt.lm.model.config, "max_position_embeddings", None),
+            watch_all=bool(rt.dset.attributing),
         )
         self.inflight: Future[Any] | None = None
         self.usage: dict[str, int] | None = None

@@ -49,10 +49,14 @@ class TeacherForcer:
         points: list[str],
         latent_ids: list[int],
         max_positions: int | None,
+        watch_all: bool = False,
     ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
-        self.watch = LatentWatch(sae, list(latent_ids)) if sae is not None and sae_point else None
+        self.watch = (
+            LatentWatch(sae, list(latent_ids), full=watch_all) if sae is not None and sae_point else None
+        )
+        self.latest_full: torch.Tensor | None = None  # (T, d_sae) of the last forward, with watch_all
         self.sae_point = hf_hook_point(sae_point) if self.watch is not None and sae_point else None
         self.points = [hf_hook_point(p) for p in points]
         reads = [*self.points, *([self.sae_point] if self.sae_point else [])]
@@ -102,6 +106,8 @@ class TeacherForcer:
                 if self.watch is not None and self.watch.latest is not None
                 else torch.zeros((n, 0))
             )
+            full = self.watch.latest_full if self.watch is not None else None
+            self.latest_full = None if full is None else full[0].float().cpu().clone()  # (T, d_sae)
         self.pos += n
         return lat.clone(), {p: r.clone() for p, r in resid.items()}  # ordinary tensors, not inference ones
 
@@ -118,8 +124,11 @@ def observe_tokens(forcer: TeacherForcer, monitor: RequestMonitor, tokens: list[
     """Engine thread: one pass over settled completion tokens, then each is scored in order, stopping at
     the first one a block verdict stops."""
     lat, resid = forcer.forward([t.token_id for t in tokens])
+    full = forcer.latest_full
     for i, tok in enumerate(tokens):
-        v = monitor.observe_token(len(monitor.tokens), tok.text, lat[i], {p: r[i] for p, r in resid.items()})
+        at = {p: r[i] for p, r in resid.items()}
+        every = None if full is None else full[i]
+        v = monitor.observe_token(len(monitor.tokens), tok.text, lat[i], at, every)
         if v.blocked:
             return Observed(i + 1, True)
     return Observed(len(tokens), False)

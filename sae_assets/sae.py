@@ -285,6 +285,17 @@ class SAE(nn.Module):
                 out = out * scale + shift
         return out
 
+    def decode_gain(self, x: torch.Tensor) -> torch.Tensor:
+        """(...,) the factor g by which `decode(f, x_for_norm=x)` scales f @ W_dec: 1 without per-token
+        normalisation (what is linear in the latents, for attributing a readout to them)."""
+        mode = self.cfg.normalize_activations
+        if mode not in ("constant_norm_rescale", "layer_norm"):
+            return torch.ones(x.shape[:-1], dtype=torch.float32, device=x.device)
+        _, scale, _ = self._norm_in(x.to(self.W_enc.dtype))
+        assert scale is not None
+        g = 1.0 / scale if mode == "constant_norm_rescale" else scale
+        return g.squeeze(-1).float()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x), x_for_norm=x)
 

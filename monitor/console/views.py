@@ -142,6 +142,7 @@ class TokenView:
     top: list[dict[str, Any]]
     bucket: int
     withheld: bool  # the token a block rule stopped: generated, scored, never sent
+    pushes: str | None = None  # the detector `top` pushed up (attributed evidence), else most active latents
 
 
 @dataclass
@@ -170,6 +171,7 @@ def record_view(rec: dict[str, Any], detector: str | None) -> RecordView:
             text=t.get("text"),
             scores=dict(t.get("scores", {})),
             top=list(t.get("top", [])),
+            pushes=t.get("pushes"),
             bucket=bucket(t.get("scores", {}).get(detector)) if detector else 0,
             withheld=blocked_at is not None and int(t.get("index", i)) == blocked_at,
         )

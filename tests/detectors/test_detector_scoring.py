@@ -63,7 +63,7 @@ def test_completion_score_reads_only_the_assistant_turn(tiny_lm: Any, scorer: Sc
     for name, value in out["scores"].items():
         assert 0.0 <= value <= 1.0 and out["fired"][name] == (value >= 0.5)
     for item in out["top_features"]["comp"]:  # evidence comes from completion tokens only
-        assert set(item) == {"latent_id", "label", "activation", "token_index", "token"}
+        assert set(item) == {"latent_id", "label", "activation", "contribution", "token_index", "token"}
         assert item["token"] in ANSWER and 0 <= item["token_index"] < out["tokens"]
         assert item["label"] == ("three" if item["latent_id"] == 3 else "L9")
 

@@ -9,6 +9,7 @@ import pytest
 from detectors.build import shipped_detectors
 from detectors.registry import load_detectors
 from detectors.scoring import Scorer
+from sae_assets.dashboards import label_fn
 from sae_assets.registry import DEFAULT_SAE, resolve_sae_path
 from sae_assets.sae import SAE
 
@@ -47,7 +48,8 @@ def _scores(real_lm: Any) -> dict[str, Any]:
     names = shipped_detectors(folder / "detectors")
     assert set(names) >= {"scam", "deception", "bias"}
     dets = load_detectors(names, folder / "detectors", sae, model=real_lm.model)
-    return {r["id"]: r for r in Scorer(real_lm.model, real_lm.tokenizer, sae, dets).score_records(RECORDS)}
+    scorer = Scorer(real_lm.model, real_lm.tokenizer, sae, dets, label_fn(folder))
+    return {r["id"]: r for r in scorer.score_records(RECORDS)}
 
 
 def test_shipped_detectors_score_clear_cases(real_lm: Any) -> None:
@@ -63,6 +65,20 @@ def test_shipped_detectors_score_clear_cases(real_lm: Any) -> None:
 # (score 0.976, threshold 0.872; docs/benchmarks.md, [3/7]).
 def test_shipped_scam_detector_fires_on_a_clear_chat_scam(real_lm: Any) -> None:
     assert _scores(real_lm)["scam"]["fired"]["scam"]
+
+
+def test_shipped_probes_name_the_latents_behind_their_scores(real_lm: Any) -> None:
+    """The probes at the SAE's layer name latents (read through its decoder), with dashboard labels and
+    tokens of the completion; falsehood reads layer 18, where no SAE is shipped, and names none."""
+    scam = _scores(real_lm)["scam"]
+    answer = RECORDS[0]["messages"][1]["content"]  # type: ignore[index]
+    for name in ("scam", "scam_message", "bias", "deception"):
+        top = scam["top_features"][name]
+        assert len(top) == 5, name
+        assert all(t["contribution"] > 0 and t["activation"] > 0 and t["label"] for t in top), name
+        assert all(t["token"].strip() in answer for t in top), name
+        assert [t["contribution"] for t in top] == sorted((t["contribution"] for t in top), reverse=True)
+    assert scam["top_features"]["falsehood"] == []
 
 
 # True / false twins written here in the cities template the falsehood probe was trained on (it reads the

@@ -67,6 +67,18 @@ def console_sae(src: Path, dest: Path, lm: Any) -> Path:
         "bias": -2.0,
     }
     (folder / "detectors" / "varied.yaml").write_text(yaml.safe_dump(varied))
+    # `pushy`, a probe at the SAE's layer along latents 3, 9 and 12: its evidence names the latents behind it.
+    import torch
+
+    from detectors.linear import LinearFit
+    from detectors.probe import save_probe
+
+    w = sae.W_dec.detach()[[3, 9, 12]].sum(dim=0)
+    fit = LinearFit(w, torch.tensor(0.0), torch.zeros(32), torch.full((32,), 0.05))
+    save_probe(fit, folder / "detectors" / "pushy.safetensors", hook_points=["model.layers.2"])
+    pushy = {"name": "pushy", "kind": "probe", "threshold": 0.5, "hook_points": ["model.layers.2"]}
+    pushy["weights_file"] = "pushy.safetensors"
+    (folder / "detectors" / "pushy.yaml").write_text(yaml.safe_dump(pushy))
     return folder
 
 
@@ -105,7 +117,7 @@ def console(
     policy = tmp / "policy.yaml"
     policy.write_text(policy_text(FLAG_AT_3))
     settings = make_settings(
-        tiny_model_dir, tiny_sae_dir, policy, sae=str(sae), detectors=["always", "never", "varied"]
+        tiny_model_dir, tiny_sae_dir, policy, sae=str(sae), detectors=["always", "never", "varied", "pushy"]
     )
     rt = load_runtime(settings)
     rt.engine.gen.eos_ids = set()  # the random model may pick EOS any time; tests want full lengths
@@ -274,6 +286,8 @@ def test_conversation_page_shows_tokens_rules_and_versions(console: Console, rit
         assert cls == f"s{round(min(max(tok['scores']['varied'], 0), 1) * 10)}"
     top = rec["evidence"][0]["top"][0]
     assert f'href="/audit/features/{top["latent_id"]}"' in page
+    assert rec["evidence"][0]["pushes"] == "pushy" and "latents pushing pushy up (logits)" in page
+    assert f"+{top['contribution']:.3f}</i>" in page
     fired = rec["rules"][0]  # judged on the whole message: count_over counts all 10 tokens
     assert fired["id"] == "third-token" and f"value {fired['value']:.4g} ≥ threshold 3<" in page
     assert "test@1" in page and rec["versions"]["policy_sha256"][:12] in page

@@ -118,6 +118,7 @@ def test_review_a_flagged_conversation(console: Console, page: Page, shots: Path
     pop = first.locator(".pop")
     expect(pop).to_be_visible()
     expect(pop.locator("a.latent").first).to_contain_text("#")
+    expect(pop.locator(".pop-why")).to_contain_text("latents pushing pushy up")
     page.screenshot(path=shots / "conversation.png", full_page=True)
     page.mouse.move(0, 0)
     page.focus("#tokens .tok >> nth=1")

@@ -129,6 +129,11 @@ def sae_dir(tiny_sae_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     save_probe(fit, dets / "probe.safetensors", hook_points=["model.layers.1"])
     probe = {"name": "probe", "kind": "probe", "threshold": 0.5, "hook_points": ["model.layers.1"]}
     (dets / "probe.yaml").write_text(yaml.safe_dump({**probe, "weights_file": "probe.safetensors"}))
+    # `pushy` reads the SAE's own layer, so the audit trail names the latents behind it (monitor.evidence).
+    fit = LinearFit(torch.randn(32, generator=g), torch.tensor(0.0), torch.zeros(32), torch.full((32,), 0.05))
+    save_probe(fit, dets / "pushy.safetensors", hook_points=["model.layers.2"])
+    pushy = {"name": "pushy", "kind": "probe", "threshold": 0.5, "hook_points": ["model.layers.2"]}
+    (dets / "pushy.yaml").write_text(yaml.safe_dump({**pushy, "weights_file": "pushy.safetensors"}))
     return folder
 
 
@@ -166,7 +171,7 @@ def proxy(
 
     policy = tmp_path_factory.mktemp("proxy") / "policy.yaml"
     policy.write_text(ALLOW_POLICY)
-    dets = ["always", "never", "resid", "lat", "probe"]
+    dets = ["always", "never", "resid", "lat", "probe", "pushy"]
     settings = make_settings(tiny_model_dir, sae_dir, policy, detectors=dets, upstream_url=stub.url)
     rt = load_runtime(settings)
     events: list[DecisionEvent] = []
@@ -257,7 +262,7 @@ def test_allowed_answers_equal_the_upstreams(client: openai.OpenAI, upstream: st
         assert resp.usage == ref.usage  # the upstream's own count
         fw = resp.model_extra["featurewatch"]
         assert fw["verdict"] == "allow" and fw["proxy"] == {"upstream": upstream, "model": "tiny"}
-        assert len(fw["peak_token_scores"]) == 5
+        assert len(fw["peak_token_scores"]) == 6
         text, chunks = _streamed(client, stream_options={"include_usage": True})
         assert text == ref_text and chunks[-1].usage == ref.usage
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -417,6 +422,26 @@ def test_proxy_scores_equal_shadow_scores(client: openai.OpenAI, proxy: Any, set
         assert fw["scores"][name] == pytest.approx(shadow["scores"][name], abs=1e-3), name
         per_token = shadow["evidence"]["scores"][name][shadow["evidence"]["n_prompt"] :]
         assert [t["scores"][name] for t in ev.evidence] == pytest.approx(per_token, abs=1e-3), name
+
+
+def test_proxy_evidence_names_the_latents_the_shadow_scorer_names(
+    client: openai.OpenAI, proxy: Any, setup: Any
+) -> None:
+    """Teacher-forced tokens and one batched pass agree on the latents behind `pushy`: its aggregation is
+    max, so the shadow scorer's message-level top features are the evidence at its peak token."""
+    _chat(client)
+    ev = proxy.events[-1]
+    convo = [*CHAT, {"role": "assistant", "content": TEXT}]
+    body = {"messages": convo, "detectors": ["pushy"]}
+    shadow = httpx.post(f"{proxy.url}/monitor/score", json=body).json()
+    named = shadow["top_features"]["pushy"]
+    assert named and shadow["tokens"] == len(ev.evidence)
+    assert all(t["pushes"] == "pushy" for t in ev.evidence)
+    peak = ev.evidence[named[0]["token_index"]]
+    assert [lat["latent_id"] for lat in peak["top"]] == [lat["latent_id"] for lat in named[:3]]
+    for got, want in zip(peak["top"], named, strict=False):
+        assert got["contribution"] == pytest.approx(want["contribution"], rel=1e-2, abs=1e-3)
+        assert got["activation"] == pytest.approx(want["activation"], abs=1e-3)
 
 
 def test_audit_record_marks_the_proxy(proxy: Any, stub: Any, setup: Any) -> None:
