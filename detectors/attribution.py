@@ -113,7 +113,7 @@ def top_contributions(
     total = weighted.sum(dim=0)  # (n,)
     where = weighted.argmax(dim=0)  # per latent: the token where its push counted most
     out: list[dict[str, Any]] = []
-    for j in torch.argsort(total, descending=True)[:k].tolist():
+    for j in total.topk(min(k, total.numel())).indices.tolist():
         if float(total[j]) <= 0.0:
             break
         t = int(where[j])

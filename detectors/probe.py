@@ -110,6 +110,7 @@ class ProbeDetector:
         # SAE at one of the probe's hook points.
         self._sae: SAE | None = None
         self._u: Tensor | None = None
+        self._every: list[int] = []  # 0..d_sae−1 once attributing
         self._point = ""
         w_tilde = fit.weight.float() / fit.std.float()
         if spec.on_latents:
@@ -119,6 +120,7 @@ class ProbeDetector:
             d_in = w_tilde.numel() // len(spec.hook_points)
             block = spec.hook_points.index(self._point)
             self._sae, self._u = sae, decoder_attribution(sae, w_tilde[block * d_in : (block + 1) * d_in])
+            self._every = list(range(sae.d_sae))
 
     @classmethod
     def from_spec(
@@ -175,10 +177,16 @@ class ProbeDetector:
             gain = torch.ones(feats.n_tokens)
             return top_contributions(latents, self._latent_ids, cols, gain, weights, k)
         assert self._sae is not None
-        ids = torch.as_tensor(feats.latent_ids, dtype=torch.long, device=self._u.device)
         gain = self._sae.decode_gain(feats.resid_at(self._point).to(self._sae.W_enc.device))
-        u_cols = self._u.index_select(0, ids)
+        # A full encode lists 0..d_sae−1 in order: then u needs no gather (list equality runs in C, ~40 µs;
+        # building a tensor of 9,216 ids per token cost more than the rest of the attribution).
+        every = len(feats.latent_ids) == len(self._every) and feats.latent_ids == self._every
+        u_cols = self._u if every else self._gather(feats.latent_ids)
         return top_contributions(feats.latents, feats.latent_ids, u_cols, gain, weights, k)
+
+    def _gather(self, ids: list[int]) -> Tensor:
+        assert self._u is not None
+        return self._u.index_select(0, torch.as_tensor(ids, dtype=torch.long, device=self._u.device))
 
     def clamp_for_steering(self) -> dict[int, float]:
         return {}  # a residual direction is not an SAE latent: probes cannot steer

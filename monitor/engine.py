@@ -174,6 +174,12 @@ class Engine:
         dset, sae = self.dset, self.gen.sae
         steering = Steering(sae) if sae is not None and dset is not None else None
         monitored = dset is not None and any(j.monitor is not None for j in batch)
+        # Every latent (one d_in × d_sae product per token) when a probe's evidence names latents.
+        attributing = bool(
+            dset is not None
+            and dset.attributing
+            and any(j.monitor is not None and j.monitor.evidence_k > 0 for j in batch)
+        )
 
         def on_prompt(row: int, feats: PromptFeatures) -> Decision | None:
             job = batch[row]
@@ -206,8 +212,7 @@ class Engine:
             [j.prompt_ids for j in batch],
             [j.params for j in batch],
             watch=dset.latent_ids if monitored and dset is not None else (),
-            # Every latent (one d_in × d_sae product per token) when a probe's evidence names latents.
-            watch_all=bool(monitored and dset is not None and dset.attributing),
+            watch_all=attributing,
             steering=steering,
             capture_points=dset.points if monitored and dset is not None else (),
             on_token=on_token,

@@ -158,7 +158,9 @@ class Generator:
             torch.Generator(device=self.device).manual_seed(p.seed) if p.seed is not None else None
             for p in plist
         ]
-        lw = LatentWatch(self.sae, list(watch), full=watch_all) if self.sae is not None else None
+        # Every latent only from the first decode step on: token events never read the prompt's, and a long
+        # prompt's (B, T, d_sae) would be large (8 × 8,192 tokens × 9,216 latents × 4 B = 2.4 GB).
+        lw = LatentWatch(self.sae, list(watch), full=False) if self.sae is not None else None
         if self.sae is None and (watch or steering is not None):
             raise ValueError("watching or steering latents needs an SAE")
         ids, mask, pos = self._left_pad(prompts)
@@ -174,6 +176,8 @@ class Generator:
         with torch.inference_mode(), hooks, capture(self.model, points) as cap:
             cache = self._new_cache()
             logits = self._forward(ids, mask, pos, cache)  # (B, vocab) at the last position
+            if lw is not None:
+                lw.full = watch_all
             if on_prompt is not None:
                 lat = self._step_latents(lw, None, n)
                 resid = {p: cap[p].float().cpu() for p in points}  # (B, T, d_in)

@@ -163,7 +163,7 @@ class _Run:
             rt.dset.points,
             rt.dset.latent_ids,
             getattr(rt.lm.model.config, "max_position_embeddings", None),
-            watch_all=bool(rt.dset.attributing),
+            watch_all=bool(rt.dset.attributing) and rt.settings.evidence_top_k > 0,
         )
         self.inflight: Future[Any] | None = None
         self.usage: dict[str, int] | None = None

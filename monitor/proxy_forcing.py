@@ -56,6 +56,7 @@ class TeacherForcer:
         self.watch = (
             LatentWatch(sae, list(latent_ids), full=watch_all) if sae is not None and sae_point else None
         )
+        self.watch_all = watch_all
         self.latest_full: torch.Tensor | None = None  # (T, d_sae) of the last forward, with watch_all
         self.sae_point = hf_hook_point(sae_point) if self.watch is not None and sae_point else None
         self.points = [hf_hook_point(p) for p in points]
@@ -68,9 +69,14 @@ class TeacherForcer:
         self._cache: Any = None
         self._cache_kw = _cache_kwarg(model)
 
-    def forward(self, ids: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, ids: list[int], all_latents: bool = True
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Feed `ids` after everything fed so far. Returns watched latents (T, n_watched) and residuals
-        {point: (T, d_in)}, CPU float32, T = len(ids)."""
+        {point: (T, d_in)}, CPU float32, T = len(ids); with watch_all and `all_latents`, `latest_full` holds
+        every latent (T, d_sae) (not for the prompt: a long one's would be large and is never read)."""
+        if self.watch is not None:
+            self.watch.full = self.watch_all and all_latents
         if self.max_positions is not None and self.pos + len(ids) > self.max_positions:
             raise MonitorContextFull(f"the monitor model's context of {self.max_positions} tokens is full")
         t0 = time.perf_counter()
@@ -116,7 +122,7 @@ def observe_prompt(
     forcer: TeacherForcer, monitor: RequestMonitor, ids: list[int], special: set[int]
 ) -> Verdict:
     """Engine thread: the prompt's pass (it fills the KV cache) and the prompt-phase verdict."""
-    lat, resid = forcer.forward(ids)
+    lat, resid = forcer.forward(ids, all_latents=False)
     return monitor.observe_prompt(ids, lat, resid, special)
 
 

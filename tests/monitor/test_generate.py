@@ -142,6 +142,26 @@ def test_watched_latents_equal_full_encode_of_token(tiny_lm: Any, sae: SAE) -> N
     torch.testing.assert_close(got, ref.cpu(), atol=1e-4, rtol=1e-4)  # events carry CPU copies
 
 
+def test_watch_all_carries_every_latent_of_each_token(tiny_lm: Any, sae: SAE) -> None:
+    """watch_all (what a probe's evidence reads): each token event carries all d_sae latents of its own
+    residual, and the watched ones are their columns."""
+    from sae_assets.hooks import capture
+
+    gen = Generator(tiny_lm.model, tiny_lm.tokenizer, sae, "model.layers.2")
+    gen.eos_ids = set()
+    ids = _ids(tiny_lm, PROMPTS[1])
+    events = list(gen.stream([ids], SamplingParams(max_tokens=4), watch=[5, 2], watch_all=True))
+    seq = torch.tensor([ids + [ev.token_id for ev in events]], device=tiny_lm.device)
+    with torch.no_grad(), capture(tiny_lm.model, ["model.layers.2"]) as cap:
+        tiny_lm.model(input_ids=seq)
+    ref = sae.encode(cap["model.layers.2"][0, len(ids) :]).cpu()  # (4, d_sae)
+    full = torch.stack([ev.full_latents for ev in events if ev.full_latents is not None])
+    assert full.shape == ref.shape
+    torch.testing.assert_close(full, ref, atol=1e-4, rtol=1e-4)
+    watched = torch.stack([ev.latents for ev in events])
+    torch.testing.assert_close(watched, ref[:, [5, 2]], atol=1e-4, rtol=1e-4)
+
+
 def test_prompt_side_stop(tiny_lm: Any, sae: SAE) -> None:
     gen = Generator(tiny_lm.model, tiny_lm.tokenizer, sae, "model.layers.2")
     ids = [_ids(tiny_lm, t) for t in PROMPTS[:2]]
