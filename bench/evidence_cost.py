@@ -1,7 +1,7 @@
 """What naming the latents behind a probe costs in serving: the generator's full SAE encode per token
 (`watch_all`) and the request monitor's per-token attribution, each side by side with its absence.
 
-Run: .venv/bin/python bench/evidence_cost.py [--rounds 3] [--tokens 48] [--json out.json]
+Run: .venv/bin/python bench/evidence_cost.py [--rounds 3] [--tokens 48] [--device cpu|cuda] [--json out.json]
 
 1. Generator: batches of 1 and 8 chat prompts, greedy, `--tokens` each, residual captures at the shipped
    detectors' hook points, `watch_all` off / on, interleaved round by round (medians; tokens/s).
@@ -62,15 +62,23 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--device", default="cpu", help="cpu, cuda or auto (the monitor's part stays on the CPU, as served)"
+    )
     a = ap.parse_args()
-    lm = load_model("smollm2-135m-instruct", device="cpu")
+    lm = load_model("smollm2-135m-instruct", device=a.device)
     folder = resolve_sae_path(DEFAULT_SAE)
-    sae = SAE.load(folder)
+    sae = SAE.load(folder).to(lm.device)
     names = shipped_detectors(folder / "detectors")
     dset = DetectorSet.build(load_detectors(names, folder / "detectors", sae, model=lm.model), names)
     gen = Generator(lm.model, lm.tokenizer, sae, "model.layers.15")
     gen.eos_ids = set()  # every row runs the full length
-    out: dict[str, Any] = {"detectors": names, "attributing": list(dset.attributing), "tokens": a.tokens}
+    out: dict[str, Any] = {
+        "detectors": names,
+        "attributing": list(dset.attributing),
+        "tokens": a.tokens,
+        "device": str(lm.device),
+    }
     for batch in (1, 8):
         prompts = _prompts(lm.tokenizer, batch)
         rates: dict[bool, list[float]] = {False: [], True: []}
@@ -85,8 +93,8 @@ def main() -> None:
             "rounds": rates,
         }
     policy = load_policy("policies/default.yaml")
-    x = torch.randn(576)
-    full_latents = sae.encode(x[None])[0].detach()
+    x = torch.randn(576, device=lm.device)
+    full_latents = sae.encode(x[None])[0].detach().float().cpu()  # served latents arrive on the CPU
     times: dict[str, list[float]] = {"without": [], "with": []}
     for _ in range(a.rounds):
         times["without"].append(_observe_ms(dset, policy, None))

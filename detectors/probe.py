@@ -111,6 +111,7 @@ class ProbeDetector:
         self._sae: SAE | None = None
         self._u: Tensor | None = None
         self._every: list[int] = []  # 0..d_sae−1 once attributing
+        self._u_copies: dict[torch.device, Tensor] = {}
         self._point = ""
         w_tilde = fit.weight.float() / fit.std.float()
         if spec.on_latents:
@@ -177,12 +178,20 @@ class ProbeDetector:
             gain = torch.ones(feats.n_tokens)
             return top_contributions(latents, self._latent_ids, cols, gain, weights, k)
         assert self._sae is not None
-        gain = self._sae.decode_gain(feats.resid_at(self._point).to(self._sae.W_enc.device))
+        gain = self._sae.decode_gain(feats.resid_at(self._point))  # on the residual's device: no weights
+        dev = feats.latents.device
         # A full encode lists 0..d_sae−1 in order: then u needs no gather (list equality runs in C, ~40 µs;
         # building a tensor of 9,216 ids per token cost more than the rest of the attribution).
         every = len(feats.latent_ids) == len(self._every) and feats.latent_ids == self._every
-        u_cols = self._u if every else self._gather(feats.latent_ids)
+        u_cols = self._u_on(dev) if every else self._gather(feats.latent_ids).to(dev)
         return top_contributions(feats.latents, feats.latent_ids, u_cols, gain, weights, k)
+
+    def _u_on(self, device: torch.device) -> Tensor:
+        """u on `device`, copied once (served latents arrive on the CPU while the SAE may sit on a GPU)."""
+        assert self._u is not None
+        if device not in self._u_copies:
+            self._u_copies[device] = self._u.to(device)
+        return self._u_copies[device]
 
     def _gather(self, ids: list[int]) -> Tensor:
         assert self._u is not None
