@@ -75,6 +75,19 @@ def test_generated_tokens_name_the_latents_behind_the_probe(server: Any) -> None
     assert 4 not in {lat["latent_id"] for tok in ev.evidence for lat in tok["top"]}  # it pushes down
 
 
+def test_evidence_top_k_zero_keeps_no_latents(server: Any) -> None:
+    s = server.rt.settings
+    s.evidence_top_k = 0
+    try:
+        with openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0) as client:
+            client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, temperature=0)
+    finally:
+        s.evidence_top_k = 3
+    ev = server.events[-1]
+    assert len(ev.evidence) == 4 and all(t["top"] == [] and "pushes" not in t for t in ev.evidence)
+    assert all("pushy" in t["scores"] for t in ev.evidence)  # scores are still kept
+
+
 def test_without_full_latents_the_most_active_watched_latents_are_kept() -> None:
     top = most_active(torch.tensor([0.5, 0.0, 2.0]), [7, 8, 9], k=5)
     assert top == [Latent(9, 2.0), Latent(7, 0.5)]  # silent latents are not evidence
