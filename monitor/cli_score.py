@@ -173,6 +173,8 @@ def score(
     from detectors.scoring import Scorer
 
     scorer = Scorer(lm.model, lm.tokenizer, sae_obj, dets, load_labels(folder), top_k=top_k)
+    if top_k > 0:
+        _note_silent(dets, sae_obj)
     total, errors = _count_lines(input_path), 0
     out.parent.mkdir(parents=True, exist_ok=True)
     with (
@@ -189,6 +191,22 @@ def score(
     if errors:
         err.print(Text(f"{errors} line(s) had errors (see the `error` field)", style="yellow"))
         raise typer.Exit(1)
+
+
+def _note_silent(dets: dict[str, Any], sae: Any) -> None:
+    """Say which detectors cannot name latents, so their empty `top_features` is not read as "nothing
+    drove the score"."""
+    from detectors.base import wants_all_latents
+    from detectors.extract import sae_hook_point
+
+    silent = [n for n, d in dets.items() if not wants_all_latents(d) and not d.latent_ids()]
+    if silent:
+        err.print(
+            Text(
+                f"note: {', '.join(silent)} read(s) no SAE latents (the SAE reads {sae_hook_point(sae)}): "
+                "top_features stays empty for them"
+            )
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -88,6 +88,32 @@ def test_score_all_good_exits_0_with_default_detectors(
     assert [o["id"] for o in out] == ["a", "b", "c"] and all("planted" in o["scores"] for o in out)
 
 
+def test_score_says_which_detectors_name_no_latents(
+    tmp_path: Path, sae_dir: Path, tiny_model_dir: Path
+) -> None:
+    """A residual probe at a layer the SAE does not read cannot name latents: the CLI says so, so its
+    empty top_features are not read as "nothing drove the score"."""
+    import torch
+
+    from detectors.linear import LinearFit
+    from detectors.probe import save_probe
+
+    fit = LinearFit(torch.ones(32), torch.tensor(0.0), torch.zeros(32), torch.ones(32))
+    save_probe(fit, sae_dir / "detectors" / "offlayer.safetensors", hook_points=["model.layers.1"])
+    spec = {"name": "offlayer", "kind": "probe", "threshold": 0.5, "hook_points": ["model.layers.1"]}
+    spec["weights_file"] = "offlayer.safetensors"
+    (sae_dir / "detectors" / "offlayer.yaml").write_text(yaml.safe_dump(spec))
+    res = _score(tmp_path, sae_dir, tiny_model_dir, GOOD, "--detectors", "planted,offlayer")
+    assert res.exit_code == 0, res.output
+    note = " ".join(res.output.split())
+    assert "note: offlayer read(s) no SAE latents (the SAE reads model.layers.2)" in note
+    assert "planted read" not in note
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert all(o["top_features"]["offlayer"] == [] for o in out)
+    quiet = _score(tmp_path, sae_dir, tiny_model_dir, GOOD, "--detectors", "offlayer", "--top-k", "0")
+    assert quiet.exit_code == 0 and "note:" not in quiet.output
+
+
 def test_score_unknown_detector_exits_2_listing_valid(
     tmp_path: Path, sae_dir: Path, tiny_model_dir: Path
 ) -> None:
