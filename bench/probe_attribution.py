@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from detectors.aggregate import aggregate
-from detectors.attribution import token_weights
+from detectors.attribution import decoder_attribution, token_weights
 from detectors.base import TokenFeatures
 from detectors.build import shipped_detectors
 from detectors.datasets import load_seed
@@ -77,7 +77,7 @@ def _measure(
     d_in = x.shape[1]
     block = det.spec.hook_points.index(point)
     w_tilde = (fit.weight / fit.std)[block * d_in : (block + 1) * d_in].float()
-    u = sae.W_dec.detach().float() @ w_tilde  # (d_sae,)
+    u = decoder_attribution(sae, w_tilde)  # (d_sae,)
     z_t = torch.logit(s.double().clamp(1e-12, 1 - 1e-12)).float()
     x_hat = sae.decode(a, x_for_norm=x).detach().float()
     per_latent = (w[:, None] * a * g[:, None] * u).sum(dim=0)  # (d_sae,) weighted contribution

@@ -47,7 +47,7 @@ def token_weights(scores: Tensor, agg: Aggregation) -> Tensor:
     if kind == "mean":
         w[:] = 1.0 / n
     elif kind == "max":
-        w[int(s.argmax())] = 1.0
+        w = _one_hot(s)
     elif kind in ("topk_mean", "last_mean"):
         assert agg.k is not None
         k = min(agg.k, n)

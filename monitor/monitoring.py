@@ -111,6 +111,7 @@ class RequestMonitor:
     steered_at: int | None = None  # first completion token generated under steering clamps
     blocked_at: int | None = None  # index of the completion token that was withheld
     _all_ids: list[int] = field(default_factory=list)  # 0..d_sae−1, built once for attributed evidence
+    _attributing: dict[str, Detector] = field(default_factory=dict)  # this request's attributing probes
 
     def __post_init__(self) -> None:
         self.state = PolicyState(
@@ -124,6 +125,7 @@ class RequestMonitor:
             conversation_error=self.conversation.error if self.conversation is not None else None,
         )
         self.names = self.dset.scored_for(self.policy)
+        self._attributing = {n: self.dset.detectors[n] for n in self.dset.attributing if n in self.names}
 
     # ---- observation ------------------------------------------------------------------------------
     def observe_prompt(
@@ -230,9 +232,8 @@ class RequestMonitor:
         if full is not None and self.evidence_k > 0:
             if len(self._all_ids) != full.numel():
                 self._all_ids = list(range(full.numel()))
-            dets = {n: self.dset.detectors[n] for n in self.dset.attributing if n in self.names}
             limits = self.dset.thresholds
-            got = attributed(dets, scores, full, resid, self._all_ids, self.evidence_k, limits)
+            got = attributed(self._attributing, scores, full, resid, self._all_ids, self.evidence_k, limits)
             if got is not None:
                 return TokenEvidence(index, text, scores, got[0], got[1])
         return TokenEvidence(index, text, scores, most_active(latents, self.dset.latent_ids, self.evidence_k))
